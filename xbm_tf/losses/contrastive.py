@@ -1,0 +1,88 @@
+"""Contrastive loss of the XBM paper, on the (query, key) signature."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from xbm_tf.losses.base import PairLoss
+from xbm_tf.losses.pairs import pair_masks, similarity_matrix
+
+
+def contrastive_loss(
+    query_embeddings,
+    query_labels,
+    key_embeddings,
+    key_labels,
+    key_mask=None,
+    query_key_index=None,
+    margin: float = 0.5,
+):
+    """Per-query contrastive loss (Hadsell et al. 2006, as used by XBM).
+
+    For query `i` with similarities `s_ij` to the keys:
+    `sum_{j positive} (1 - s_ij) + sum_{j negative, s_ij > margin} s_ij`.
+    Summing over queries and dividing by the number of queries gives the paper's
+    loss, which grows with the number of keys.
+
+    Args:
+        query_embeddings: `(B, D)` L2-normalised embeddings.
+        query_labels: `(B,)` integer labels.
+        key_embeddings: `(M, D)` L2-normalised embeddings.
+        key_labels: `(M,)` integer labels.
+        key_mask: optional boolean `(M,)`, False for keys that must be ignored.
+        query_key_index: optional integer `(B,)`, the index of each query's own copy
+            among the keys (excluded); negative for none.
+        margin: negatives less similar than this cost nothing.
+
+    Returns:
+        The per-query losses, float32 of shape `(B,)`.
+    """
+    sim = similarity_matrix(query_embeddings, key_embeddings)
+    positive, negative = pair_masks(query_labels, key_labels, key_mask, query_key_index)
+    pos_loss = ops.sum(ops.where(positive, 1.0 - sim, 0.0), axis=1)
+    hard_negative = ops.logical_and(negative, ops.greater(sim, margin))
+    neg_loss = ops.sum(ops.where(hard_negative, sim, 0.0), axis=1)
+    return pos_loss + neg_loss
+
+
+@keras.saving.register_keras_serializable(package="xbm_tf")
+class ContrastiveLoss(PairLoss):
+    """Contrastive loss as a `keras.losses.Loss` (`y_true` labels, `y_pred` embeddings).
+
+    Args:
+        margin: negatives with cosine similarity at or below it cost nothing.
+
+    Example:
+    >>> loss = ContrastiveLoss(margin=0.5)
+    >>> value = loss(labels, embeddings)  # in-batch loss, mean over queries
+
+    Reference:
+        Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020.
+    """
+
+    def __init__(self, margin: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.margin = margin
+
+    def pair_loss(
+        self,
+        query_embeddings,
+        query_labels,
+        key_embeddings,
+        key_labels,
+        key_mask=None,
+        query_key_index=None,
+    ):
+        return contrastive_loss(
+            query_embeddings,
+            query_labels,
+            key_embeddings,
+            key_labels,
+            key_mask=key_mask,
+            query_key_index=query_key_index,
+            margin=self.margin,
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin}

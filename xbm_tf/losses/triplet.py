@@ -1,0 +1,121 @@
+"""Triplet loss with hard or semi-hard negative mining, (query, key) signature."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from xbm_tf.losses.base import PairLoss
+from xbm_tf.losses.pairs import masked_max, masked_min, pair_masks, similarity_matrix
+
+MINING_MODES = ("hard", "semihard")
+
+
+def triplet_loss(
+    query_embeddings,
+    query_labels,
+    key_embeddings,
+    key_labels,
+    key_mask=None,
+    query_key_index=None,
+    margin: float = 0.1,
+    mining: str = "semihard",
+):
+    """Per-query triplet loss on cosine similarities.
+
+    With `s` the query-key similarities (for unit vectors, a larger similarity is a
+    smaller distance, `d^2 = 2 - 2 s`, so mining on either is the same):
+
+    - `mining="hard"` (batch-hard, Hermans et al. 2017): the least similar positive
+      and the most similar negative, `max(0, s_neg - s_pos + margin)`.
+    - `mining="semihard"` (FaceNet, Schroff et al. 2015): for every positive `p`, the
+      most similar negative that is still less similar than `p`; where no negative
+      is, the least similar negative (as TF-Addons did). The query's loss is the
+      mean over its positives of `max(0, s_neg - s_pos + margin)`.
+
+    A query without any positive or without any negative key costs 0.
+
+    Args:
+        query_embeddings, query_labels, key_embeddings, key_labels, key_mask,
+            query_key_index: as in `contrastive_loss`.
+        margin: the required similarity gap between positive and negative.
+        mining: `"hard"` or `"semihard"`.
+
+    Returns:
+        The per-query losses, float32 of shape `(B,)`.
+    """
+    if mining not in MINING_MODES:
+        raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
+    sim = similarity_matrix(query_embeddings, key_embeddings)
+    positive, negative = pair_masks(query_labels, key_labels, key_mask, query_key_index)
+    has_pos = ops.any(positive, axis=1)
+    has_neg = ops.any(negative, axis=1)
+    usable = ops.logical_and(has_pos, has_neg)
+    if mining == "hard":
+        hardest_pos = masked_min(sim, positive)
+        hardest_neg = masked_max(sim, negative)
+        loss = ops.relu(hardest_neg - hardest_pos + margin)
+        return ops.where(usable, loss, 0.0)
+
+    # Semi-hard, in O(B M log M) memory-free of any (B, M, M) tensor: sort each
+    # query's negative similarities ascending (non-negatives pushed below -1 to the
+    # front); for a positive with similarity s_p, the number of sorted entries below
+    # s_p locates the most similar negative that is still less similar than it.
+    neg_sorted = ops.sort(ops.where(negative, sim, -3.0), axis=1)
+    num_non_neg = ops.sum(ops.cast(ops.logical_not(negative), "int32"), axis=1)
+    below = tf.searchsorted(neg_sorted, sim, side="left", out_type=tf.int32)
+    has_semihard = ops.greater(below, ops.expand_dims(num_non_neg, 1))
+    num_keys = ops.shape(sim)[1]
+    semihard_at = ops.clip(below - 1, 0, num_keys - 1)
+    easiest_at = ops.clip(ops.expand_dims(num_non_neg, 1), 0, num_keys - 1)
+    chosen_at = ops.where(has_semihard, semihard_at, easiest_at)
+    chosen = ops.take_along_axis(neg_sorted, chosen_at, axis=1)
+    per_pair = ops.where(positive, ops.relu(chosen - sim + margin), 0.0)
+    num_pos = ops.maximum(ops.sum(ops.cast(positive, "float32"), axis=1), 1.0)
+    loss = ops.sum(per_pair, axis=1) / num_pos
+    return ops.where(usable, loss, 0.0)
+
+
+@keras.saving.register_keras_serializable(package="xbm_tf")
+class TripletLoss(PairLoss):
+    """Triplet loss with hard or semi-hard mining as a `keras.losses.Loss`.
+
+    Args:
+        margin: the required similarity gap between positive and negative.
+        mining: `"hard"` or `"semihard"`.
+
+    Reference:
+        Schroff et al., "FaceNet", CVPR 2015; Hermans et al., "In Defense of the
+        Triplet Loss", 2017.
+    """
+
+    def __init__(self, margin: float = 0.1, mining: str = "semihard", **kwargs):
+        super().__init__(**kwargs)
+        if mining not in MINING_MODES:
+            raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
+        self.margin = margin
+        self.mining = mining
+
+    def pair_loss(
+        self,
+        query_embeddings,
+        query_labels,
+        key_embeddings,
+        key_labels,
+        key_mask=None,
+        query_key_index=None,
+    ):
+        return triplet_loss(
+            query_embeddings,
+            query_labels,
+            key_embeddings,
+            key_labels,
+            key_mask=key_mask,
+            query_key_index=query_key_index,
+            margin=self.margin,
+            mining=self.mining,
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin, "mining": self.mining}

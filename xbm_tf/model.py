@@ -1,0 +1,236 @@
+"""XBMContrastiveModel: an embedding model trained with in-batch + cross-batch loss."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from xbm_tf.losses import ContrastiveLoss, PairLoss
+from xbm_tf.memory import CrossBatchMemory
+
+
+@keras.saving.register_keras_serializable(package="xbm_tf")
+class XBMContrastiveModel(keras.Model):
+    """Trains an embedding model with a pair loss and a Cross-Batch Memory.
+
+    Each training step embeds the batch, computes `loss(batch, batch)`, and, once
+    the optimizer has taken `xbm_start_step` steps, first enqueues the batch's
+    embeddings (no gradient) and labels into the memory, then adds
+    `xbm_weight * loss(batch, memory)`. A query is never paired with itself: not in
+    the batch, and not with its own copy just written to the memory. Each total is
+    the sum of per-query losses divided by the (global) batch size, so it grows with
+    the number of keys, as in the paper.
+
+    Under a `tf.distribute` strategy the memory enqueues the global batch
+    (all replicas' rows, gathered in replica order) so every replica keeps the same
+    memory, and each replica's queries are compared with the whole memory.
+
+    `call()` returns the L2-normalised float32 embeddings, so `predict` gives
+    retrieval features; `test_step` reports the in-batch loss.
+
+    Args:
+        embedding_model: a Keras model mapping inputs to `(B, D)` embeddings.
+        memory_size: M, the number of rows in the memory (>= the global batch).
+        xbm_weight: the weight of the memory loss.
+        xbm_start_step: the optimizer step from which the memory is used (the paper
+            waits ~1,000 iterations while features still drift fast).
+        loss: a `xbm_tf.losses.PairLoss`; default `ContrastiveLoss(margin=0.5)`.
+        embedding_dim: D, needed only if `embedding_model` has no static output
+            shape.
+
+    Example:
+    >>> model = XBMContrastiveModel(backbone, memory_size=8192, xbm_start_step=1000)
+    >>> model.compile(optimizer=keras.optimizers.Adam(1e-4))
+    >>> model.fit(train_ds, epochs=10, steps_per_epoch=500)
+    >>> features = model.predict(images)
+
+    Reference:
+        Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020.
+    """
+
+    def __init__(
+        self,
+        embedding_model: keras.Model,
+        memory_size: int,
+        xbm_weight: float = 1.0,
+        xbm_start_step: int = 0,
+        loss: PairLoss | None = None,
+        embedding_dim: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if embedding_dim is None:
+            embedding_dim = embedding_model.output_shape[-1]
+        if embedding_dim is None:
+            raise ValueError(
+                "embedding_model has no static output width: pass embedding_dim"
+            )
+        if xbm_start_step < 0:
+            raise ValueError(f"xbm_start_step must be >= 0, got {xbm_start_step}")
+        if loss is not None and not isinstance(loss, PairLoss):
+            raise TypeError(
+                "loss must be an xbm_tf.losses.PairLoss (e.g. ContrastiveLoss), got "
+                f"{type(loss).__name__}"
+            )
+        self.embedding_model = embedding_model
+        self.memory_size = int(memory_size)
+        self.embedding_dim = int(embedding_dim)
+        self.xbm_weight = float(xbm_weight)
+        self.xbm_start_step = int(xbm_start_step)
+        self.pair_loss = loss if loss is not None else ContrastiveLoss(margin=0.5)
+        self.memory = CrossBatchMemory(
+            self.memory_size, self.embedding_dim, name="cross_batch_memory"
+        )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.batch_loss_tracker = keras.metrics.Mean(name="batch_loss")
+        self.xbm_loss_tracker = keras.metrics.Mean(name="xbm_loss")
+
+    def call(self, inputs, training=False):
+        embeddings = ops.cast(
+            self.embedding_model(inputs, training=training), "float32"
+        )
+        return embeddings / ops.maximum(
+            ops.sqrt(ops.sum(ops.square(embeddings), axis=-1, keepdims=True)), 1e-12
+        )
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.batch_loss_tracker, self.xbm_loss_tracker]
+
+    def compute_losses(self, embeddings, labels, training_step):
+        """The in-batch and memory losses of one (local) batch, with the enqueue.
+
+        Args:
+            embeddings: `(B, D)` L2-normalised embeddings of this replica's batch.
+            labels: `(B,)` integer labels.
+            training_step: the optimizer step, to gate the memory.
+
+        Returns:
+            `(batch_loss, xbm_loss)`, each a sum over local queries divided by the
+            global batch size.
+        """
+        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        local_batch = embeddings.shape[0]
+        if local_batch is None:
+            raise ValueError(
+                "XBMContrastiveModel needs a static batch size: batch the dataset "
+                "with drop_remainder=True (or use xbm_tf.data's P x K pipeline)"
+            )
+        replica = tf.distribute.get_replica_context()
+        num_replicas = _num_replicas()
+        global_batch = float(local_batch * num_replicas)
+        own = ops.arange(local_batch, dtype="int32")
+        batch_losses = self.pair_loss.pair_loss(
+            embeddings, labels, embeddings, labels, query_key_index=own
+        )
+        batch_loss = ops.sum(batch_losses) / global_batch
+
+        # Gather outside the conditional: collectives stay unconditional.
+        all_embeddings, all_labels = embeddings, labels
+        if num_replicas > 1:
+            all_embeddings = replica.all_gather(ops.stop_gradient(embeddings), axis=0)
+            all_labels = replica.all_gather(labels, axis=0)
+
+        def memory_loss():
+            rows = self.memory.enqueue(all_embeddings, all_labels)
+            if num_replicas > 1:
+                start = replica.replica_id_in_sync_group * local_batch
+                rows = ops.slice(rows, (start,), (local_batch,))
+            keys, key_labels, valid = self.memory.read()
+            losses = self.pair_loss.pair_loss(
+                embeddings,
+                labels,
+                keys,
+                key_labels,
+                key_mask=valid,
+                query_key_index=rows,
+            )
+            return ops.sum(losses) / global_batch
+
+        if self.xbm_start_step == 0:
+            xbm_loss = memory_loss()
+        else:
+            xbm_loss = tf.cond(
+                training_step >= self.xbm_start_step,
+                memory_loss,
+                lambda: tf.constant(0.0, "float32"),
+            )
+        return batch_loss, xbm_loss
+
+    def train_step(self, data):
+        images, labels = _unpack(data)
+        step = ops.convert_to_tensor(self.optimizer.iterations)
+        with tf.GradientTape() as tape:
+            embeddings = self(images, training=True)
+            batch_loss, xbm_loss = self.compute_losses(embeddings, labels, step)
+            loss = batch_loss + self.xbm_weight * xbm_loss
+            # Layers' own losses (e.g. kernel regularizers), shared by the replicas.
+            if self.losses:
+                loss = loss + ops.sum(self.losses) / _num_replicas()
+            scaled = self.optimizer.scale_loss(loss)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        return self._report(loss, batch_loss, xbm_loss)
+
+    def test_step(self, data):
+        images, labels = _unpack(data)
+        embeddings = self(images, training=False)
+        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        own = ops.arange(ops.shape(embeddings)[0], dtype="int32")
+        losses = self.pair_loss.pair_loss(
+            embeddings, labels, embeddings, labels, query_key_index=own
+        )
+        loss = ops.mean(losses)
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def _report(self, loss, batch_loss, xbm_loss):
+        num_replicas = _num_replicas()
+        # Trackers hold the global-batch losses: sum the replicas' shares.
+        scale = float(num_replicas)
+        self.loss_tracker.update_state(loss * scale)
+        self.batch_loss_tracker.update_state(batch_loss * scale)
+        self.xbm_loss_tracker.update_state(xbm_loss * scale)
+        logs = {m.name: m.result() for m in self.metrics}
+        logs["memory_fill"] = self.memory.fill_fraction()
+        return logs
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "embedding_model": keras.saving.serialize_keras_object(
+                self.embedding_model
+            ),
+            "memory_size": self.memory_size,
+            "xbm_weight": self.xbm_weight,
+            "xbm_start_step": self.xbm_start_step,
+            "loss": keras.saving.serialize_keras_object(self.pair_loss),
+            "embedding_dim": self.embedding_dim,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["embedding_model"] = keras.saving.deserialize_keras_object(
+            config["embedding_model"]
+        )
+        config["loss"] = keras.saving.deserialize_keras_object(config["loss"])
+        return cls(**config)
+
+
+def _unpack(data):
+    """`(images, labels)` or `(images, labels, sample_weight)` -> images, labels."""
+    if not isinstance(data, (tuple, list)) or len(data) < 2:
+        raise ValueError(
+            "XBMContrastiveModel trains on (images, labels) batches; got "
+            f"{type(data).__name__}"
+        )
+    return data[0], data[1]
+
+
+def _num_replicas() -> int:
+    """Replicas in sync in the current replica context (1 outside a strategy)."""
+    replica = tf.distribute.get_replica_context()
+    return replica.num_replicas_in_sync if replica is not None else 1
