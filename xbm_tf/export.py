@@ -1,0 +1,210 @@
+"""SavedModel export of the embedding network, and loading it back for inference.
+
+Export the embedding model alone (`build_embedding_model`'s model), never a model
+that owns the cross-batch memory: every variable a model tracks goes into the
+SavedModel, so exporting the training model would carry the memory along.
+
+The SavedModel's `serving_default` signature (also named `serve`) takes one
+input, `images`: a batch `(None, height, width, channels)` of float32 pixel values
+in `[0, 255]` (or uint8, see `input_dtype`), and returns a dict with one key,
+`"embeddings"`: float32 `(None, embedding_dim)`, L2-normalised by the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "INPUT_KEY",
+    "OUTPUT_KEY",
+    "export_embedding_model",
+    "load_exported_embedder",
+]
+
+INPUT_KEY = "images"
+OUTPUT_KEY = "embeddings"
+_INPUT_DTYPES = ("float32", "uint8")
+
+
+def export_embedding_model(
+    embedding_model: keras.Model,
+    export_dir: str | os.PathLike,
+    overwrite: bool = False,
+    input_shape: tuple | None = None,
+    input_dtype: str = "float32",
+) -> str:
+    """Writes `embedding_model` as a TensorFlow SavedModel for serving.
+
+    The SavedModel is written to a temporary directory beside `export_dir` and
+    then moved into place, so a failed export leaves no partial directory and,
+    with `overwrite=True`, never destroys the previous export. Local paths only
+    (the final move is a rename).
+
+    Args:
+        embedding_model: a single-input model mapping images in `[0, 255]` to
+            embeddings, e.g. from `build_embedding_model`.
+        export_dir: directory of the SavedModel.
+        overwrite: replace an existing non-empty `export_dir`. Without it such a
+            directory is an error and is left untouched.
+        input_shape: `(height, width, channels)` of the serving input; defaults
+            to the model's input shape. `None` entries accept any size.
+        input_dtype: `"float32"` (values in `[0, 255]`) or `"uint8"` (cast to
+            float32 inside the signature, handy for decoded image bytes).
+
+    Returns:
+        The absolute path of the export.
+
+    Raises:
+        FileExistsError: `export_dir` is a file, or a non-empty directory and
+            `overwrite` is False.
+        ValueError: bad `input_shape` / `input_dtype`, a model without one
+            image input, or a training model that wraps the embedding model
+            (anything with an `embedding_model` attribute).
+
+    Example:
+        >>> model = build_embedding_model("tiny", 8, input_shape=(28, 28, 1))
+        >>> path = export_embedding_model(model, "/tmp/xbm_export")
+        >>> embed = load_exported_embedder(path)
+        >>> embed(np.zeros((2, 28, 28, 1), "float32")).shape
+        (2, 8)
+    """
+    export_dir = os.path.abspath(os.fspath(export_dir))
+    if isinstance(getattr(embedding_model, "embedding_model", None), keras.Model):
+        raise ValueError(
+            f"Model {embedding_model.name!r} wraps an embedding model (e.g. an "
+            "XBMContrastiveModel, which owns the memory buffers); export its "
+            "`.embedding_model` instead, or the memory goes into the SavedModel."
+        )
+    if input_dtype not in _INPUT_DTYPES:
+        raise ValueError(
+            f"Unknown input_dtype {input_dtype!r}; valid: {list(_INPUT_DTYPES)}."
+        )
+    if input_shape is None:
+        inputs = getattr(embedding_model, "inputs", None)
+        if not inputs or len(inputs) != 1:
+            raise ValueError(
+                f"Model {embedding_model.name!r} needs exactly one input to infer "
+                "the serving signature; pass input_shape=(height, width, channels)."
+            )
+        input_shape = tuple(inputs[0].shape[1:])
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, channels), got {input_shape}."
+        )
+    if os.path.exists(export_dir):
+        if not os.path.isdir(export_dir):
+            raise FileExistsError(
+                f"Export path {export_dir} exists and is not a directory."
+            )
+        if os.listdir(export_dir) and not overwrite:
+            raise FileExistsError(
+                f"Export directory {export_dir} already exists and is not empty; "
+                "pass overwrite=True to replace it."
+            )
+
+    def serve(images):
+        embeddings = embedding_model(_to_float32(images), training=False)
+        return {OUTPUT_KEY: _to_float32(embeddings)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(embedding_model)
+    # Traces the model now, so shape errors are raised before anything is written.
+    archive.add_endpoint(
+        name="serve",
+        fn=serve,
+        input_signature=[
+            tf.TensorSpec((None, *input_shape), input_dtype, name=INPUT_KEY)
+        ],
+    )
+
+    parent = os.path.dirname(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    suffix = uuid.uuid4().hex[:8]
+    staging = f"{export_dir}.tmp-{suffix}"
+    try:
+        archive.write_out(staging, verbose=False)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not os.path.exists(export_dir):
+        os.rename(staging, export_dir)
+        return export_dir
+    backup = f"{export_dir}.old-{suffix}"
+    os.rename(export_dir, backup)
+    try:
+        os.rename(staging, export_dir)
+    except BaseException:
+        os.rename(backup, export_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    return export_dir
+
+
+def _to_float32(x):
+    return keras.ops.cast(x, "float32")
+
+
+def load_exported_embedder(
+    export_dir: str | os.PathLike,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Loads an export and returns a function from images to embeddings.
+
+    Args:
+        export_dir: a directory written by `export_embedding_model`.
+
+    Returns:
+        `embed(images) -> np.ndarray`: applies the `serving_default` signature to
+        a batch of images (numpy array or tensor, shape
+        `(batch, height, width, channels)`, values in `[0, 255]`) and returns the
+        float32 embeddings `(batch, embedding_dim)`. `embed.signature` is the
+        underlying concrete function.
+
+    Raises:
+        FileNotFoundError: `export_dir` is not a SavedModel directory.
+        ValueError: the SavedModel lacks the expected signature; at call time,
+            images whose shape does not fit the signature.
+
+    Example:
+        >>> embed = load_exported_embedder("/tmp/xbm_export")
+        >>> embeddings = embed(images)  # (batch, embedding_dim), unit norm
+    """
+    path = os.fspath(export_dir)
+    if not tf.saved_model.contains_saved_model(path):
+        raise FileNotFoundError(
+            f"{path} is not a TensorFlow SavedModel directory (no saved_model.pb); "
+            "write one with export_embedding_model."
+        )
+    loaded = tf.saved_model.load(path)
+    signature = loaded.signatures.get("serving_default")
+    if signature is None or OUTPUT_KEY not in signature.structured_outputs:
+        found = {
+            key: sorted(fn.structured_outputs) for key, fn in loaded.signatures.items()
+        }
+        raise ValueError(
+            f"SavedModel {path} has no 'serving_default' signature with output "
+            f"{OUTPUT_KEY!r}; signatures and outputs found: {found}."
+        )
+    spec = signature.structured_input_signature[1][INPUT_KEY]
+
+    def embed(images):
+        images = tf.convert_to_tensor(images)
+        if not spec.shape.is_compatible_with(images.shape):
+            raise ValueError(
+                f"Images of shape {tuple(images.shape)} do not fit the export at "
+                f"{path}, which expects {tuple(spec.shape)} (batch first)."
+            )
+        images = tf.cast(images, spec.dtype)
+        return signature(**{INPUT_KEY: images})[OUTPUT_KEY].numpy()
+
+    embed.signature = signature
+    embed.saved_model = loaded  # Keeps the variables alive.
+    return embed
