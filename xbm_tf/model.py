@@ -22,9 +22,11 @@ class XBMContrastiveModel(keras.Model):
     the sum of per-query losses divided by the (global) batch size, so it grows with
     the number of keys, as in the paper.
 
-    Under a `tf.distribute` strategy the memory enqueues the global batch
-    (all replicas' rows, gathered in replica order) so every replica keeps the same
-    memory, and each replica's queries are compared with the whole memory.
+    Under a `tf.distribute` strategy (see `xbm_tf.distribute`) the memory enqueues
+    the global batch (all replicas' rows, gathered in replica order) so every
+    replica keeps the same memory, and each replica's queries are compared with the
+    whole global batch and the whole memory: losses, gradients and memory equal
+    those of one device trained on the same global batches.
 
     `call()` returns the L2-normalised float32 embeddings, so `predict` gives
     retrieval features; `test_step` reports the in-batch loss.
@@ -101,6 +103,9 @@ class XBMContrastiveModel(keras.Model):
     def compute_losses(self, embeddings, labels, training_step):
         """The in-batch and memory losses of one (local) batch, with the enqueue.
 
+        The queries are this replica's rows; the keys are the global batch (all
+        replicas' rows) and the memory.
+
         Args:
             embeddings: `(B, D)` L2-normalised embeddings of this replica's batch.
             labels: `(B,)` integer labels.
@@ -115,28 +120,23 @@ class XBMContrastiveModel(keras.Model):
         if local_batch is None:
             raise ValueError(
                 "XBMContrastiveModel needs a static batch size: batch the dataset "
-                "with drop_remainder=True (or use xbm_tf.data's P x K pipeline)"
+                "with drop_remainder=True (or use xbm_tf.data's P x K pipeline), "
+                "and under a tf.distribute strategy use a global batch divisible "
+                "by the number of replicas"
             )
-        replica = tf.distribute.get_replica_context()
         num_replicas = _num_replicas()
         global_batch = float(local_batch * num_replicas)
-        own = ops.arange(local_batch, dtype="int32")
+        # The keys are the global batch: every replica's rows, in replica order. The
+        # gather is differentiable (its gradient sums the replicas' key gradients),
+        # and stays outside the conditional so that collectives are unconditional.
+        all_embeddings, all_labels, own = _gather_global_batch(embeddings, labels)
         batch_losses = self.pair_loss.pair_loss(
-            embeddings, labels, embeddings, labels, query_key_index=own
+            embeddings, labels, all_embeddings, all_labels, query_key_index=own
         )
         batch_loss = ops.sum(batch_losses) / global_batch
 
-        # Gather outside the conditional: collectives stay unconditional.
-        all_embeddings, all_labels = embeddings, labels
-        if num_replicas > 1:
-            all_embeddings = replica.all_gather(ops.stop_gradient(embeddings), axis=0)
-            all_labels = replica.all_gather(labels, axis=0)
-
         def memory_loss():
-            rows = self.memory.enqueue(all_embeddings, all_labels)
-            if num_replicas > 1:
-                start = replica.replica_id_in_sync_group * local_batch
-                rows = ops.slice(rows, (start,), (local_batch,))
+            rows = self.memory.enqueue(all_embeddings, all_labels)  # stops gradient
             keys, key_labels, valid = self.memory.read()
             losses = self.pair_loss.pair_loss(
                 embeddings,
@@ -144,7 +144,7 @@ class XBMContrastiveModel(keras.Model):
                 keys,
                 key_labels,
                 key_mask=valid,
-                query_key_index=rows,
+                query_key_index=ops.take(rows, own),
             )
             return ops.sum(losses) / global_batch
 
@@ -178,11 +178,13 @@ class XBMContrastiveModel(keras.Model):
         images, labels = _unpack(data)
         embeddings = self(images, training=False)
         labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
-        own = ops.arange(ops.shape(embeddings)[0], dtype="int32")
+        all_embeddings, all_labels, own = _gather_global_batch(embeddings, labels)
         losses = self.pair_loss.pair_loss(
-            embeddings, labels, embeddings, labels, query_key_index=own
+            embeddings, labels, all_embeddings, all_labels, query_key_index=own
         )
-        loss = ops.mean(losses)
+        # The global-batch mean: Keras averages the replicas' reports.
+        global_batch = ops.cast(ops.shape(all_embeddings)[0], "float32")
+        loss = ops.sum(losses) / global_batch * float(_num_replicas())
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
 
@@ -234,3 +236,42 @@ def _num_replicas() -> int:
     """Replicas in sync in the current replica context (1 outside a strategy)."""
     replica = tf.distribute.get_replica_context()
     return replica.num_replicas_in_sync if replica is not None else 1
+
+
+def _gather_global_batch(embeddings, labels):
+    """All replicas' `(embeddings, labels)` in replica order, and this replica's rows.
+
+    Outside a strategy (or with one replica) the local batch is the global batch.
+    The gather is differentiable: its gradient sums every replica's gradient with
+    respect to this replica's rows.
+
+    Returns:
+        `(all_embeddings (G, D), all_labels (G,), own (B,))`: `own` indexes this
+        replica's B rows among the G rows of the global batch.
+    """
+    local_batch = embeddings.shape[0]
+    replica = tf.distribute.get_replica_context()
+    if replica is None or replica.num_replicas_in_sync == 1:
+        own = ops.arange(ops.shape(embeddings)[0], dtype="int32")
+        return embeddings, labels, own
+    num_replicas = replica.num_replicas_in_sync
+    replica_id = ops.cast(replica.replica_id_in_sync_group, "int32")
+    all_embeddings = replica.all_gather(embeddings, axis=0)
+    all_labels = replica.all_gather(labels, axis=0)
+    if local_batch is not None:
+        # Training: equal static batches. Restore the static shape all_gather
+        # loses, which the ring buffer needs.
+        global_rows = local_batch * num_replicas
+        all_embeddings = tf.ensure_shape(
+            all_embeddings, [global_rows, *embeddings.shape[1:]]
+        )
+        all_labels = tf.ensure_shape(all_labels, [global_rows])
+        offset = replica_id * local_batch
+    else:
+        # Evaluation may end on a partial batch, split unevenly over replicas.
+        size = ops.reshape(ops.shape(embeddings)[0], (1,))
+        sizes = ops.cast(replica.all_gather(size, axis=0), "int32")
+        before = ops.arange(num_replicas, dtype="int32") < replica_id
+        offset = ops.sum(ops.where(before, sizes, 0))
+    own = offset + ops.arange(ops.shape(embeddings)[0], dtype="int32")
+    return all_embeddings, all_labels, own
