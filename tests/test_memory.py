@@ -94,3 +94,20 @@ def test_state_is_fixed_shape_non_trainable_and_serialisable():
     clone = CrossBatchMemory.from_config(memory.get_config())
     assert (clone.memory_size, clone.embedding_dim) == (6, 4)
     assert keras.saving.get_registered_object("xbm_tf>CrossBatchMemory") is not None
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_inactive_enqueue_leaves_the_memory_unchanged(jit):
+    memory = CrossBatchMemory(6, 2)
+    enqueue = tf.function(memory.enqueue, jit_compile=jit)
+    first = np.arange(8, dtype=np.float32).reshape(4, 2)
+    enqueue(first, np.array([1, 2, 3, 4]), tf.constant(True))
+    before = [np.asarray(w).copy() for w in memory.weights]
+    rows = enqueue(-first, np.array([9, 9, 9, 9]), tf.constant(False))
+    np.testing.assert_array_equal(np.asarray(rows), [4, 5, 0, 1])
+    for old, new in zip(before, memory.weights):
+        np.testing.assert_array_equal(old, np.asarray(new))
+    enqueue(-first, np.array([9, 9, 9, 9]), tf.constant(True))
+    _, labels, valid = (np.asarray(t) for t in memory.read())
+    np.testing.assert_array_equal(labels, [9, 9, 3, 4, 9, 9])
+    assert valid.all() and int(memory.pointer.numpy()) == 2

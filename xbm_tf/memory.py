@@ -68,15 +68,20 @@ class CrossBatchMemory(keras.layers.Layer):
         )
         self.built = True
 
-    def enqueue(self, embeddings, labels):
+    def enqueue(self, embeddings, labels, active=True):
         """Writes a batch into the ring, oldest rows first overwritten.
 
         Args:
             embeddings: `(B, D)` embeddings; gradients do not flow into the memory.
             labels: `(B,)` integer labels.
+            active: a Python or tensor boolean; when False the memory is left as
+                it is (the rows are rewritten with their own values and neither
+                pointer nor count moves). A tensor flag avoids a `tf.cond`, which
+                under XLA copies the whole buffer.
 
         Returns:
-            The int32 row indices `(B,)` the batch was written to, in batch order.
+            The int32 row indices `(B,)` the batch was (or would have been)
+            written to, in batch order.
         """
         batch_size = embeddings.shape[0]
         if batch_size is None:
@@ -99,11 +104,19 @@ class CrossBatchMemory(keras.layers.Layer):
         labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
         pointer = ops.convert_to_tensor(self.pointer)
         rows = (pointer + ops.arange(batch_size, dtype="int32")) % self.memory_size
+        step = batch_size
+        if active is not True:
+            active = ops.convert_to_tensor(active, "bool")
+            embeddings = ops.where(
+                active, embeddings, ops.take(self.embeddings, rows, 0)
+            )
+            labels = ops.where(active, labels, ops.take(self.labels, rows, 0))
+            step = ops.where(active, batch_size, 0)
         _scatter(self.embeddings, rows, embeddings)
         _scatter(self.labels, rows, labels)
-        _assign(self.pointer, (pointer + batch_size) % self.memory_size)
+        _assign(self.pointer, (pointer + step) % self.memory_size)
         count = ops.convert_to_tensor(self.count)
-        _assign(self.count, ops.minimum(count + batch_size, self.memory_size))
+        _assign(self.count, ops.minimum(count + step, self.memory_size))
         return rows
 
     def read(self):

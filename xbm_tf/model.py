@@ -135,27 +135,22 @@ class XBMContrastiveModel(keras.Model):
         )
         batch_loss = ops.sum(batch_losses) / global_batch
 
-        def memory_loss():
-            rows = self.memory.enqueue(all_embeddings, all_labels)  # stops gradient
-            keys, key_labels, valid = self.memory.read()
-            losses = self.pair_loss.pair_loss(
-                embeddings,
-                labels,
-                keys,
-                key_labels,
-                key_mask=valid,
-                query_key_index=ops.take(rows, own),
-            )
-            return ops.sum(losses) / global_batch
-
-        if self.xbm_start_step == 0:
-            xbm_loss = memory_loss()
-        else:
-            xbm_loss = tf.cond(
-                training_step >= self.xbm_start_step,
-                memory_loss,
-                lambda: tf.constant(0.0, "float32"),
-            )
+        # No tf.cond for the warm-up: under XLA a conditional around the memory
+        # copies the whole (M, D) buffer and slows the step 2x (see
+        # benchmarks/xbm_overhead.py). Before `xbm_start_step` the enqueue leaves
+        # the memory as it is, and the (then empty) memory loss is zeroed.
+        active = ops.greater_equal(training_step, self.xbm_start_step)
+        rows = self.memory.enqueue(all_embeddings, all_labels, active=active)
+        keys, key_labels, valid = self.memory.read()
+        losses = self.pair_loss.pair_loss(
+            embeddings,
+            labels,
+            keys,
+            key_labels,
+            key_mask=valid,
+            query_key_index=ops.take(rows, own),
+        )
+        xbm_loss = ops.where(active, ops.sum(losses) / global_batch, 0.0)
         return batch_loss, xbm_loss
 
     def train_step(self, data):

@@ -40,10 +40,10 @@ def contrastive_loss(
     """
     sim = similarity_matrix(query_embeddings, key_embeddings)
     positive, negative = pair_masks(query_labels, key_labels, key_mask, query_key_index)
-    pos_loss = ops.sum(ops.where(positive, 1.0 - sim, 0.0), axis=1)
     hard_negative = ops.logical_and(negative, ops.greater(sim, margin))
-    neg_loss = ops.sum(ops.where(hard_negative, sim, 0.0), axis=1)
-    return pos_loss + neg_loss
+    # One pass over the (B, M) pairs: positives cost 1 - s, hard negatives s.
+    cost = ops.where(positive, 1.0 - sim, ops.where(hard_negative, sim, 0.0))
+    return ops.sum(cost, axis=1)
 
 
 @keras.saving.register_keras_serializable(package="xbm_tf")
