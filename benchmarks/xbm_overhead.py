@@ -17,9 +17,9 @@ Everything is compiled with XLA (`tf.function(jit_compile=True)`) on the CPU:
     which XLA keeps as two dots);
 (c) one `XBMContrastiveModel.train_step` of a small CNN with the memory, against the
     same model with the memory loss disabled (`xbm_start_step=10**9`, so the
-    `tf.cond` never takes the memory branch, and `memory_size=B`, so its memory costs
+    warm-up gate never opens, and `memory_size=B`, so its memory costs
     no RAM). The step with the memory is timed twice: `xbm_start_step=0` (no
-    `tf.cond`) and `xbm_start_step=1` (through the `tf.cond`, as in real training
+    gate at all) and `xbm_start_step=1` (through the warm-up gate, as in real training
     with a warm-up).
 
 Time: each (D, M) runs in a fresh process. After warm-up calls the timed calls are
@@ -270,7 +270,7 @@ def _train_steps(dim: int, memory_size: int, rng) -> dict:
         model.optimizer.build(model.trainable_variables)
         train_step = tf.function(model.train_step, jit_compile=True)
         steps[name] = lambda train_step=train_step: train_step(data)
-        _block(steps[name]())  # compiles; with_xbm_cond now takes the memory branch
+        _block(steps[name]())  # compiles; with_xbm_cond now has the gate open
     return steps
 
 
@@ -419,8 +419,8 @@ def _print_tables(machine: dict, results: list, load: tuple) -> None:
         )
         print()
         print(
-            "| D | M | with XBM ms | with XBM via tf.cond ms | without ms "
-            "| ratio with/without | ratio via cond | step peak with / without MB |"
+            "| D | M | with XBM ms | with XBM, gated ms | without ms "
+            "| ratio with/without | ratio gated | step peak with / without MB |"
         )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
@@ -433,8 +433,8 @@ def _print_tables(machine: dict, results: list, load: tuple) -> None:
             )
         print()
         print(
-            "with XBM: xbm_start_step=0 (no tf.cond). via tf.cond: xbm_start_step=1, "
-            "after it, so each step runs the memory branch of the tf.cond, as real "
+            "with XBM: xbm_start_step=0 (no gate). gated: xbm_start_step=1, "
+            "after it, so each step passes the open warm-up gate, as real "
             "training with a warm-up does."
         )
     largest = max(results, key=lambda r: (r["M"], r["D"]))
