@@ -1,9 +1,14 @@
 """xbm-tf: Cross-Batch Memory for embedding learning, in Keras 3."""
 
-from xbm_tf import losses
+from xbm_tf import data, distribute, evaluation, losses, plots
+from xbm_tf.backbones import build_embedding_model
+from xbm_tf.evaluation import map_at_r, r_precision, recall_at_k
+from xbm_tf.export import export_embedding_model, load_exported_embedder
 from xbm_tf.losses import ContrastiveLoss, MultiSimilarityLoss, TripletLoss
 from xbm_tf.memory import CrossBatchMemory
 from xbm_tf.model import XBMContrastiveModel
+from xbm_tf.optimization import make_optimizer
+from xbm_tf.retrieval_callback import RetrievalEvaluation
 
 __version__ = "0.1.0"
 
@@ -11,8 +16,20 @@ __all__ = [
     "ContrastiveLoss",
     "CrossBatchMemory",
     "MultiSimilarityLoss",
+    "RetrievalEvaluation",
     "TripletLoss",
     "XBMContrastiveModel",
     "__version__",
+    "build_embedding_model",
+    "data",
+    "distribute",
+    "evaluation",
+    "export_embedding_model",
+    "load_exported_embedder",
     "losses",
+    "make_optimizer",
+    "map_at_r",
+    "plots",
+    "r_precision",
+    "recall_at_k",
 ]

@@ -1,0 +1,288 @@
+"""Flags and data set-up shared by scripts/train.py and scripts/evaluate.py.
+
+Both scripts read the same flagfiles (configs/*.flags), so they define the same
+flags here; the library (xbm_tf/) never reads flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import flags
+from absl import logging as absl_logging
+
+from xbm_tf import data, distribute, evaluation, plots
+
+DATASETS = ("quickstart", "cub", "cars196", "sop", "inshop")
+
+DATASET = flags.DEFINE_enum("dataset", None, DATASETS, "Dataset to train on.")
+DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "The dataset's extracted folder (or TFDS data_dir with --tfds)."
+)
+TFDS = flags.DEFINE_bool(
+    "tfds", False, "Read the dataset with tensorflow-datasets (cub, cars196, sop)."
+)
+MAX_PER_CLASS = flags.DEFINE_integer(
+    "max_per_class", None, "Keep at most this many images per class (quickstart)."
+)
+WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
+OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing export in --workdir/export."
+)
+# Input.
+RESIZE = flags.DEFINE_integer("resize_size", 256, "Resize before cropping.")
+CROP = flags.DEFINE_integer("crop_size", 224, "Crop size fed to the network.")
+CHANNELS = flags.DEFINE_integer("channels", 3, "Image channels fed to the network.")
+FLIP = flags.DEFINE_bool("flip", True, "Random horizontal flips in training.")
+AUGMENTATION = flags.DEFINE_enum(
+    "augmentation",
+    "keras_cv",
+    ["keras_cv", "tf_image"],
+    "Random-resized-crop implementation: keras-cv (sequential map) or tf.image "
+    "(stateless, parallel map; faster).",
+)
+P = flags.DEFINE_integer("p", 16, "Classes per batch.")
+K = flags.DEFINE_integer("k", 4, "Images per class per batch.")
+# Model.
+BACKBONE = flags.DEFINE_enum(
+    "backbone",
+    "resnet50",
+    ["resnet50", "mobilenet_v2", "efficientnet_b0", "tiny"],
+    "Embedding trunk.",
+)
+WEIGHTS = flags.DEFINE_string(
+    "weights", "imagenet", "'imagenet', 'none', or the path of a local weights file."
+)
+POOLING = flags.DEFINE_enum("pooling", "max", ["max", "avg"], "Global pooling.")
+EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 512, "Embedding size.")
+MIXED = flags.DEFINE_enum(
+    "mixed_precision",
+    "none",
+    ["none", "mixed_float16", "mixed_bfloat16"],
+    "Trunk precision; embeddings, losses and memory stay float32.",
+)
+# XBM and loss.
+LOSS = flags.DEFINE_enum(
+    "loss", "contrastive", ["contrastive", "triplet", "multi_similarity"], "Pair loss."
+)
+MARGIN = flags.DEFINE_float("margin", 0.5, "Margin of the contrastive/triplet loss.")
+MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Rows of the memory (M).")
+XBM_WEIGHT = flags.DEFINE_float("xbm_weight", 1.0, "Weight of the memory loss.")
+XBM_START = flags.DEFINE_integer(
+    "xbm_start_step", 1000, "Optimizer step from which the memory is used."
+)
+# Optimisation.
+OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer.")
+LR = flags.DEFINE_float("learning_rate", 1e-4, "Initial learning rate.")
+WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
+MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+LR_DECAY_STEPS = flags.DEFINE_list(
+    "lr_decay_steps",
+    [],
+    "Steps at which the learning rate is multiplied by --lr_decay_factor.",
+)
+LR_DECAY_FACTOR = flags.DEFINE_float("lr_decay_factor", 0.1, "Step decay factor.")
+STEPS = flags.DEFINE_integer("steps", None, "Total training steps.")
+STEPS_PER_EPOCH = flags.DEFINE_integer("steps_per_epoch", 500, "Steps per epoch.")
+JIT = flags.DEFINE_bool("jit_compile", True, "Compile the train step with XLA.")
+STRATEGY = flags.DEFINE_enum(
+    "strategy",
+    "default",
+    distribute.STRATEGIES,
+    "default | mirrored (all GPUs of this machine) | multiworker (the cluster in "
+    "TF_CONFIG); --p x --k is the global batch.",
+)
+SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+# Evaluation.
+EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every_epochs", 1, "Evaluate Recall@K every N epochs (and at the end)."
+)
+EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 128, "Evaluation batch size.")
+EVAL_BACKEND = flags.DEFINE_enum(
+    "eval_backend", "scann", ["scann", "exact"], "Nearest-neighbour backend."
+)
+RECALL_KS = flags.DEFINE_list("recall_ks", ["1", "2", "4", "8"], "Recall@K values.")
+VERBOSE = flags.DEFINE_enum(
+    "verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity."
+)
+
+LOADERS = {
+    "quickstart": lambda root, max_per_class: data.load_quickstart(
+        max_per_class=max_per_class
+    ),
+    "cub": lambda root, _: data.load_cub(root),
+    "cars196": lambda root, _: data.load_cars196(root),
+    "sop": lambda root, _: data.load_sop(root),
+    "inshop": lambda root, _: data.load_inshop(root),
+}
+TFDS_NAMES = {
+    "cub": "caltech_birds2011",
+    "cars196": "cars196",
+    "sop": "stanford_online_products",
+}
+
+
+class FlagError(ValueError):
+    """A flag value that cannot work, found before any long work starts."""
+
+
+def require(*holders) -> None:
+    """Raises FlagError naming every flag of `holders` that has no value."""
+    missing = [f"--{h.name}" for h in holders if h.value is None]
+    if missing:
+        raise FlagError(f"missing required flag(s): {', '.join(missing)}")
+
+
+def check_data_flags() -> None:
+    """Checks the data and evaluation flags, before anything is loaded."""
+    require(DATASET)
+    if CROP.value > RESIZE.value:
+        raise FlagError(
+            f"--crop_size={CROP.value} is larger than --resize_size={RESIZE.value}"
+        )
+    if DATASET.value != "quickstart" and not DATA_DIR.value:
+        raise FlagError(f"--dataset={DATASET.value} needs --data_dir")
+    if DATA_DIR.value and not os.path.isdir(DATA_DIR.value):
+        raise FlagError(f"--data_dir={DATA_DIR.value} is not a folder")
+    if TFDS.value and DATASET.value not in TFDS_NAMES:
+        raise FlagError(
+            f"--tfds supports --dataset in {sorted(TFDS_NAMES)}, not {DATASET.value}"
+        )
+    if any(k < 1 for k in recall_ks()):
+        raise FlagError(f"--recall_ks must be positive, got {RECALL_KS.value}")
+
+
+def recall_ks() -> list[int]:
+    try:
+        return [int(k) for k in RECALL_KS.value]
+    except ValueError:
+        raise FlagError(
+            f"--recall_ks must be integers, got {RECALL_KS.value}"
+        ) from None
+
+
+def load_splits() -> data.RetrievalSplits:
+    """Loads (indexes) the dataset and checks that the largest K fits it."""
+    if TFDS.value:
+        splits = data.load_tfds(TFDS_NAMES[DATASET.value], data_dir=DATA_DIR.value)
+    else:
+        splits = LOADERS[DATASET.value](DATA_DIR.value, MAX_PER_CLASS.value)
+    gallery = splits.test if splits.test is not None else splits.gallery
+    largest = max(recall_ks())
+    gallery_size = len(gallery) - (1 if splits.test is not None else 0)
+    if largest > gallery_size:
+        raise FlagError(
+            f"--recall_ks asks for K={largest}, but the evaluation gallery has "
+            f"{gallery_size} items"
+        )
+    return splits
+
+
+def input_shape() -> tuple[int, int, int]:
+    return (CROP.value, CROP.value, CHANNELS.value)
+
+
+def make_eval_datasets(splits: data.RetrievalSplits):
+    """`(query, gallery)` evaluation datasets; gallery is None for leave-one-out."""
+
+    if splits.test is not None:
+        return make_eval_dataset(splits.test), None
+    return make_eval_dataset(splits.query), make_eval_dataset(splits.gallery)
+
+
+def verbose() -> int | str:
+    """The Keras verbosity from --verbose."""
+    return "auto" if VERBOSE.value == "auto" else int(VERBOSE.value)
+
+
+def _images(image_set: data.ImageSet, indices) -> np.ndarray:
+    """The test-transformed images at `indices`, as a float32 array."""
+    subset = image_set.subset(np.asarray(indices))
+    batches = make_eval_dataset(subset)
+    return np.concatenate([np.asarray(images) for images, _ in batches])
+
+
+def make_eval_dataset(image_set: data.ImageSet):
+    return data.eval_dataset(
+        image_set,
+        batch_size=EVAL_BATCH.value,
+        resize_size=RESIZE.value,
+        crop_size=CROP.value,
+        channels=CHANNELS.value,
+    )
+
+
+def evaluate_and_plot(
+    embeddings,
+    splits: data.RetrievalSplits,
+    out_dir: str,
+    name: str,
+    num_queries: int = 8,
+    k: int = 5,
+) -> dict[str, float]:
+    """Recall@K, MAP@R and R-precision, plus a retrieval grid PNG in `out_dir`.
+
+    Args:
+        embeddings: `(query, query_labels, gallery, gallery_labels)` as returned by
+            `RetrievalEvaluation.embed()` (gallery entries None for leave-one-out).
+        splits: the dataset, for the images of the grid.
+        out_dir: where `retrieval_grid_{name}.png` is written.
+        name: a tag for the file, e.g. "before" or "after".
+    """
+    query, query_labels, gallery, gallery_labels = embeddings
+    metrics = evaluation.retrieval_metrics(
+        query,
+        query_labels,
+        gallery,
+        gallery_labels,
+        ks=recall_ks(),
+        backend=EVAL_BACKEND.value,
+    )
+    leave_one_out = gallery is None
+    query_set = splits.test if leave_one_out else splits.query
+    gallery_set = splits.test if leave_one_out else splits.gallery
+    chosen = np.linspace(0, len(query) - 1, min(num_queries, len(query))).astype(int)
+    neighbors, _ = evaluation.nearest_neighbors(
+        query[chosen],
+        query if leave_one_out else gallery,
+        k=k + 1,
+        backend=EVAL_BACKEND.value,
+    )
+    if leave_one_out:  # drop each query itself, by index
+        neighbors = np.stack([row[row != q][:k] for row, q in zip(neighbors, chosen)])
+    else:
+        neighbors = neighbors[:, :k]
+    shown, local = np.unique(neighbors, return_inverse=True)
+    plots.plot_retrieval_grid(
+        _images(query_set, chosen),
+        query_set.labels[chosen],
+        _images(gallery_set, shown),
+        gallery_set.labels[shown],
+        local.reshape(neighbors.shape),
+        os.path.join(out_dir, f"retrieval_grid_{name}.png"),
+        num_queries=len(chosen),
+        k=k,
+    )
+    return metrics
+
+
+def write_table(results: dict[str, dict[str, float]], out_dir: str) -> str:
+    """Prints `{column: metrics}` as a table; writes JSON and a Recall@K PNG."""
+    columns = list(results)
+    keys = list(results[columns[-1]])
+    lines = [f"{'':>12} " + " ".join(f"{c:>10}" for c in columns)]
+    for key in keys:
+        values = " ".join(f"{results[c].get(key, float('nan')):10.4f}" for c in columns)
+        lines.append(f"{key:>12} {values}")
+    print("\n".join(lines), flush=True)
+    with open(os.path.join(out_dir, "retrieval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plots.plot_recall_curve(results, os.path.join(out_dir, "recall_curve.png"))
+    return "\n".join(lines)
+
+
+def quiet_tensorflow() -> None:
+    """Keeps TensorFlow's INFO chatter (SavedModel writing) off the console."""
+    absl_logging.set_verbosity(absl_logging.WARNING)

@@ -1,0 +1,96 @@
+r"""Evaluates a trained embedding model with the dataset's retrieval protocol.
+
+  python scripts/evaluate.py --flagfile configs/quickstart.flags \
+      --model runs/quickstart/export
+  python scripts/evaluate.py --flagfile configs/sop.flags --data_dir /data/SOP \
+      --model runs/sop/checkpoints/last.keras
+
+--model is a SavedModel written by train.py (workdir/export) or a `.keras` file
+(workdir/checkpoints/last.keras). The Ks come from --recall_ks in the flagfile
+(CUB and Cars R@1/2/4/8; SOP R@1/10/100/1000; In-Shop R@1/10/20/30/40/50). The
+table is printed and written with a Recall@K curve and a retrieval grid to
+--output_dir (default: a folder `evaluation` beside --model).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import common  # noqa: E402
+import keras  # noqa: E402
+from absl import app, flags  # noqa: E402
+from common import FlagError  # noqa: E402
+
+import xbm_tf  # noqa: E402, F401  (registers the custom objects of .keras files)
+from xbm_tf import data  # noqa: E402
+from xbm_tf.export import load_exported_embedder  # noqa: E402
+from xbm_tf.retrieval_callback import RetrievalEvaluation  # noqa: E402
+
+_MODEL = flags.DEFINE_string(
+    "model", None, "A SavedModel directory (train.py's export) or a .keras file."
+)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Where to write the results (default: beside --model)."
+)
+
+
+class _ExportedEmbedder:
+    """Gives a SavedModel's serving function the `predict_on_batch` of a model."""
+
+    def __init__(self, path: str):
+        self._embed = load_exported_embedder(path)
+
+    def predict_on_batch(self, images):
+        return self._embed(images)
+
+
+def load_model(path: str):
+    """The embedding model behind --model, whichever of the two kinds it is."""
+    if os.path.isdir(path):
+        return _ExportedEmbedder(path)
+    if path.endswith(".keras") and os.path.isfile(path):
+        return keras.models.load_model(path)
+    raise FlagError(
+        f"--model={path} is neither a SavedModel directory nor a .keras file"
+    )
+
+
+def run() -> dict[str, float]:
+    common.require(_MODEL)
+    common.check_data_flags()
+    model_path = _MODEL.value.rstrip("/")
+    out_dir = _OUTPUT_DIR.value or os.path.join(
+        os.path.dirname(os.path.abspath(model_path)), "evaluation"
+    )
+    splits = common.load_splits()
+    model = load_model(model_path)
+    query, gallery = common.make_eval_datasets(splits)
+    evaluation = RetrievalEvaluation(
+        query,
+        gallery_data=gallery,
+        ks=common.recall_ks(),
+        backend=common.EVAL_BACKEND.value,
+        embedding_model=model,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    metrics = common.evaluate_and_plot(evaluation.embed(), splits, out_dir, "test")
+    print(f"\n{splits.name}: {splits.describe()}", flush=True)
+    common.write_table({os.path.basename(model_path): metrics}, out_dir)
+    print(f"Wrote {out_dir}/retrieval.json and PNGs", flush=True)
+    return metrics
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.quiet_tensorflow()
+    try:
+        run()
+    except (FlagError, data.DatasetLayoutError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

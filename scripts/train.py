@@ -1,0 +1,214 @@
+r"""Trains an embedding model with Cross-Batch Memory.
+
+  python scripts/train.py --flagfile configs/quickstart.flags
+  python scripts/train.py --flagfile configs/cub.flags --data_dir /data/CUB_200_2011
+
+Everything is written to --workdir: TensorBoard logs, a CSV log, the last model
+(checkpoints/last.keras), a backup that lets a killed run resume where it stopped
+(memory included: run the same command again), the Recall@K before and after
+training (recall.json, recall_curve.png, retrieval_grid.png), and the SavedModel
+of the embedding network in workdir/export.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import common  # noqa: E402
+import keras  # noqa: E402
+from absl import app  # noqa: E402
+from common import FlagError  # noqa: E402
+
+from xbm_tf import (  # noqa: E402
+    ContrastiveLoss,
+    MultiSimilarityLoss,
+    TripletLoss,
+    XBMContrastiveModel,
+    data,
+)
+from xbm_tf.backbones import build_embedding_model  # noqa: E402
+from xbm_tf.distribute import (  # noqa: E402
+    make_strategy,
+    replica_batch_size,
+    worker_path,
+)
+from xbm_tf.export import export_embedding_model  # noqa: E402
+from xbm_tf.optimization import make_optimizer  # noqa: E402
+from xbm_tf.retrieval_callback import RetrievalEvaluation  # noqa: E402
+
+
+def check_train_flags() -> None:
+    """Checks the training flags that need no data, before anything is loaded."""
+    common.require(common.WORKDIR, common.MEMORY_SIZE, common.STEPS)
+    common.check_data_flags()
+    batch = common.P.value * common.K.value
+    if common.P.value < 2 or common.K.value < 2:
+        raise FlagError(
+            f"--p={common.P.value} and --k={common.K.value}: a P x K batch needs at "
+            "least 2 classes and 2 images per class (positives and negatives)"
+        )
+    if common.MEMORY_SIZE.value < batch:
+        raise FlagError(
+            f"--memory_size={common.MEMORY_SIZE.value} is smaller than the batch "
+            f"--p x --k = {batch}: the memory must hold at least one batch"
+        )
+    if common.STEPS.value < 1 or common.STEPS_PER_EPOCH.value < 1:
+        raise FlagError("--steps and --steps_per_epoch must be positive")
+    weights = common.WEIGHTS.value
+    if weights.lower() not in ("imagenet", "none") and not os.path.isfile(weights):
+        raise FlagError(
+            f"--weights={weights} is neither 'imagenet', 'none' nor an existing file"
+        )
+    export_dir = os.path.join(common.WORKDIR.value, "export")
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        if not common.OVERWRITE.value:
+            raise FlagError(
+                f"{export_dir} already holds an export: pass --overwrite to replace "
+                "it, or choose another --workdir"
+            )
+
+
+def make_train_dataset(splits: data.RetrievalSplits):
+    """The infinite P x K training stream, after checking P against the classes.
+
+    Corrupt image files are skipped, counted and reported before training.
+    """
+    if common.P.value > splits.num_train_classes:
+        raise FlagError(
+            f"--p={common.P.value} classes per batch, but the training split has "
+            f"only {splits.num_train_classes} classes"
+        )
+    train_set = splits.train
+    if train_set.kind != "array":
+        train_set, skipped = data.drop_corrupt_images(train_set)
+        if skipped:
+            first = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:5])
+            print(f"Skipping {len(skipped)} corrupt training images ({first})")
+    return data.train_dataset(
+        train_set,
+        p=common.P.value,
+        k=common.K.value,
+        resize_size=common.RESIZE.value,
+        crop_size=common.CROP.value,
+        channels=common.CHANNELS.value,
+        flip=common.FLIP.value,
+        implementation=common.AUGMENTATION.value,
+        seed=common.SEED.value,
+    )
+
+
+def build_model() -> XBMContrastiveModel:
+    weights = common.WEIGHTS.value
+    embedder = build_embedding_model(
+        backbone=common.BACKBONE.value,
+        embedding_dim=common.EMBEDDING_DIM.value,
+        input_shape=common.input_shape(),
+        weights=None if weights.lower() == "none" else weights,
+        pooling=common.POOLING.value,
+        mixed_precision=None if common.MIXED.value == "none" else common.MIXED.value,
+    )
+    losses = {
+        "contrastive": lambda: ContrastiveLoss(margin=common.MARGIN.value),
+        "triplet": lambda: TripletLoss(margin=common.MARGIN.value),
+        "multi_similarity": MultiSimilarityLoss,
+    }
+    model = XBMContrastiveModel(
+        embedder,
+        memory_size=common.MEMORY_SIZE.value,
+        xbm_weight=common.XBM_WEIGHT.value,
+        xbm_start_step=common.XBM_START.value,
+        loss=losses[common.LOSS.value](),
+    )
+    optimizer = make_optimizer(
+        common.OPTIMIZER.value,
+        learning_rate=common.LR.value,
+        weight_decay=common.WEIGHT_DECAY.value,
+        momentum=common.MOMENTUM.value,
+        decay_steps=[int(s) for s in common.LR_DECAY_STEPS.value],
+        decay_factor=common.LR_DECAY_FACTOR.value,
+    )
+    if common.MIXED.value == "mixed_float16":
+        # float16 gradients underflow without loss scaling (train_step scales).
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(
+        optimizer=optimizer,
+        # XLA is not available under a tf.distribute strategy on this stack.
+        jit_compile=common.JIT.value and common.STRATEGY.value == "default",
+    )
+    model(keras.ops.zeros((1, *common.input_shape())))
+    return model
+
+
+def make_callbacks(evaluation: RetrievalEvaluation, workdir: str) -> list:
+    """Evaluation first, so TensorBoard, the CSV log and checkpoints see its keys."""
+    return [
+        evaluation,
+        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
+        keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=True),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(workdir, "checkpoints", "last.keras")
+        ),
+        keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup")),
+    ]
+
+
+def run(extra_callbacks=()) -> dict:
+    """Trains as the flags say; returns the final metrics."""
+    check_train_flags()
+    # A multi-worker strategy must be made before any other TensorFlow call.
+    strategy = make_strategy(common.STRATEGY.value)
+    # Non-chief workers write their (required) copies beside the chief's workdir.
+    workdir = worker_path(common.WORKDIR.value, strategy)
+    keras.utils.set_random_seed(common.SEED.value)
+    splits = common.load_splits()
+    print(splits.describe(), flush=True)
+    train = make_train_dataset(splits)
+    replica_batch_size(train, strategy)  # divisible by the replicas, static
+    query, gallery = common.make_eval_datasets(splits)
+    os.makedirs(workdir, exist_ok=True)
+    with strategy.scope():
+        model = build_model()
+    evaluation = RetrievalEvaluation(
+        query,
+        gallery_data=gallery,
+        ks=common.recall_ks(),
+        every_n_epochs=common.EVAL_EVERY.value,
+        backend=common.EVAL_BACKEND.value,
+        log_dir=os.path.join(workdir, "tensorboard"),
+        embedding_model=model,
+    )
+    before = common.evaluate_and_plot(evaluation.embed(), splits, workdir, "before")
+    steps_per_epoch = min(common.STEPS_PER_EPOCH.value, common.STEPS.value)
+    model.fit(
+        train,
+        epochs=-(-common.STEPS.value // steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+        callbacks=make_callbacks(evaluation, workdir) + list(extra_callbacks),
+        verbose=common.verbose(),
+        shuffle=False,  # the P x K stream is shuffled by its sampler
+    )
+    after = common.evaluate_and_plot(evaluation.embed(), splits, workdir, "after")
+    print("\nRetrieval on the unseen test classes:", flush=True)
+    common.write_table({"before": before, "after": after}, workdir)
+    export_dir = os.path.join(workdir, "export")
+    export_embedding_model(
+        model.embedding_model, export_dir, overwrite=common.OVERWRITE.value
+    )
+    print(f"Exported the embedding model to {export_dir}", flush=True)
+    return after
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.quiet_tensorflow()
+    try:
+        run()
+    except (FlagError, data.DatasetLayoutError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)
