@@ -1,0 +1,168 @@
+"""Tests for xbm_tf.plots: PNG sizes, curve colours, grid frame colours."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from xbm_tf.plots import (
+    GREEN,
+    QUERY_FRAME,
+    RED,
+    grid_layout,
+    plot_recall_curve,
+    plot_retrieval_grid,
+)
+
+_C0 = (0x1F, 0x77, 0xB4)  # matplotlib's first two default line colours
+_C1 = (0xFF, 0x7F, 0x0E)
+
+
+def _rgb255(path):
+    img = imread(path)
+    assert img.dtype == np.float32  # PNG read back as floats in [0, 1]
+    return np.round(img[..., :3] * 255).astype(int)
+
+
+def _count(img, color):
+    return int(np.all(np.abs(img - np.array(color)) <= 2, axis=-1).sum())
+
+
+def test_recall_curve_single(tmp_path):
+    backend = matplotlib.get_backend()
+    path = plot_recall_curve({1: 0.6, 2: 0.7, 4: 0.8, 8: 0.9}, tmp_path / "r.png")
+    img = _rgb255(path)
+    assert img.shape == (400, 640, 3)
+    assert _count(img, _C0) > 200  # the curve is drawn
+    assert _count(img, _C1) == 0
+    assert matplotlib.get_backend() == backend  # no global backend switch
+
+
+def test_recall_curve_several_and_string_keys(tmp_path):
+    results = {
+        "before": {"val_recall@1": 0.2, "val_recall@10": 0.4, "val_map@r": 0.1},
+        "after": {1: 0.7, 10: 0.85, 100: 0.95, 1000: 0.99},
+    }
+    path = plot_recall_curve(
+        results, tmp_path / "sub" / "r.png", title="SOP", figsize=(5, 3), dpi=80
+    )
+    img = _rgb255(path)
+    assert img.shape == (240, 400, 3)
+    assert _count(img, _C0) > 100 and _count(img, _C1) > 100
+
+
+def test_recall_curve_errors(tmp_path):
+    with pytest.raises(ValueError, match="`results` is empty"):
+        plot_recall_curve({}, tmp_path / "r.png")
+    with pytest.raises(ValueError, match=r"no Recall@K values.*'map@r'"):
+        plot_recall_curve({"map@r": 0.3}, tmp_path / "r.png")
+
+
+def _images(n, value_step, h=6, w=5):
+    """Item i is a constant image of gray level i * value_step (uint8)."""
+    levels = (np.arange(n) * value_step).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (n, h, w, 3)).copy()
+
+
+def test_retrieval_grid_frames_and_contents(tmp_path):
+    query = _images(4, 60)
+    gallery = _images(10, 20)
+    query_labels = np.array([0, 1, 2, 3])
+    gallery_labels = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    nn = np.array(
+        [
+            [0, 1, 4, 2, 9, 3],
+            [5, 1, 9, 0, 2, 3],
+            [3, 2, 0, 1, 6, 7],
+            [1, 2, 4, 7, 8, 3],
+        ]
+    )
+    k, scale, border, pad = 4, 3, 2, 5
+    path = plot_retrieval_grid(
+        query,
+        query_labels,
+        gallery,
+        gallery_labels,
+        nn,
+        tmp_path / "g.png",
+        num_queries=3,
+        k=k,
+        query_indices=[0, 1, 3],
+        scale=scale,
+        border=border,
+        pad=pad,
+    )
+    img = _rgb255(path)
+    height, width, tile_h, tile_w, origin = grid_layout(
+        (6, 5), 3, k, scale, border, pad
+    )
+    assert img.shape == (height, width, 3)
+    assert (tile_h, tile_w) == (6 * 3 + 4, 5 * 3 + 4)
+    for row, qi in enumerate([0, 1, 3]):
+        y, x = origin(row, 0)
+        assert tuple(img[y, x]) == QUERY_FRAME
+        assert tuple(img[y + tile_h // 2, x + tile_w // 2]) == (qi * 60,) * 3
+        for col in range(1, k + 1):
+            gi = nn[qi, col - 1]
+            want = GREEN if gallery_labels[gi] == query_labels[qi] else RED
+            y, x = origin(row, col)
+            for dy, dx in [(0, 0), (1, 1), (tile_h - 1, tile_w - 1), (tile_h // 2, 0)]:
+                assert tuple(img[y + dy, x + dx]) == want, (row, col, dy, dx)
+            center = img[y + tile_h // 2, x + tile_w // 2]
+            assert tuple(center) == (gi * 20,) * 3
+    # Row 0 (query 0, class 0): neighbours 0, 1, 4, 2 -> green, red, green, red.
+    assert [tuple(img[origin(0, c)]) for c in range(1, 5)] == [GREEN, RED, GREEN, RED]
+    assert _count(img, GREEN) > 0 and _count(img, RED) > 0
+
+
+def test_retrieval_grid_image_formats_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, size=(6, 7, 7, 1)).astype(np.uint8)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    nn = np.tile(np.arange(6), (6, 1))
+    variants = {
+        "uint8_gray": gray,
+        "uint8_hw": gray[..., 0],
+        "float01": gray / 255.0,
+        "float255": gray.astype(np.float32),
+        "rgb": np.repeat(gray, 3, axis=-1),
+    }
+    pictures = {}
+    for name, images in variants.items():
+        path = plot_retrieval_grid(
+            images,
+            labels,
+            images,
+            labels,
+            nn,
+            tmp_path / f"{name}.png",
+            num_queries=6,
+            k=3,
+        )
+        pictures[name] = _rgb255(path)
+    height, width, *_ = grid_layout((7, 7), 6, 3, scale=10, border=4, pad=4)
+    for name, img in pictures.items():
+        assert img.shape == (height, width, 3), name  # auto scale: 7 * 10 >= 64
+        np.testing.assert_array_equal(img, pictures["uint8_gray"], err_msg=name)
+
+
+def test_retrieval_grid_errors(tmp_path):
+    images = np.zeros((4, 5, 5, 3), np.uint8)
+    labels = np.arange(4)
+    nn = np.zeros((4, 2), int)
+    with pytest.raises(ValueError, match=r"must be \(4, >= k=3\); got shape \(4, 2\)"):
+        plot_retrieval_grid(images, labels, images, labels, nn, tmp_path / "g.png", k=3)
+    with pytest.raises(ValueError, match="4 query images but 3 query labels"):
+        plot_retrieval_grid(
+            images, labels[:3], images, labels, nn, tmp_path / "g.png", k=2
+        )
+    with pytest.raises(ValueError, match=r"got shape \(4, 5, 5, 2\)"):
+        plot_retrieval_grid(
+            images[..., :2], labels, images, labels, nn, tmp_path / "g.png", k=2
+        )
+    with pytest.raises(ValueError, match=r"lie in \[0, 4\); got values in \[0, 7\]"):
+        plot_retrieval_grid(
+            images, labels, images, labels, nn + [[0, 7]] * 4, tmp_path / "g.png", k=2
+        )

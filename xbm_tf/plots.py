@@ -1,0 +1,285 @@
+"""Pictures of retrieval quality: a Recall@K curve and a query/neighbour grid.
+
+Both functions draw off-screen with matplotlib's Agg canvas (no pyplot, no global
+backend switch) and write a PNG whose pixel size is fixed by the arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+
+import numpy as np
+
+__all__ = ["grid_layout", "plot_recall_curve", "plot_retrieval_grid"]
+
+GREEN = (0, 200, 0)
+RED = (220, 0, 0)
+QUERY_FRAME = (40, 90, 220)
+BACKGROUND = (255, 255, 255)
+_RECALL_KEY = re.compile(r"(?:.*_)?recall@(\d+)")
+
+
+def _curve_points(results, name: str) -> tuple[list[int], list[float]]:
+    points = {}
+    for key, value in results.items():
+        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+            points[int(key)] = float(value)
+        elif isinstance(key, str) and _RECALL_KEY.fullmatch(key):
+            points[int(_RECALL_KEY.fullmatch(key).group(1))] = float(value)
+    if not points:
+        raise ValueError(
+            f"{name} has no Recall@K values: expected int keys K or "
+            f"'recall@K' keys; got keys {list(results)}."
+        )
+    ks = sorted(points)
+    return ks, [points[k] for k in ks]
+
+
+def _parents(path) -> str:
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    return path
+
+
+def plot_recall_curve(
+    results,
+    path,
+    title: str | None = None,
+    figsize: tuple[float, float] = (6.4, 4.0),
+    dpi: int = 100,
+) -> str:
+    """Writes a Recall@K curve (log-scaled K axis, recall in percent) as a PNG.
+
+    Args:
+        results: `{K: recall}` for one curve, or `{name: {K: recall}}` for
+            several (e.g. before/after training). Keys may also be strings such
+            as `"recall@1"` or `"val_recall@1"` (so the output of
+            `retrieval_metrics` or `RetrievalEvaluation.evaluate` can be passed
+            as is); other keys such as `"map@r"` are ignored. Recall in [0, 1].
+        path: output PNG path; parent directories are created.
+        title: figure title.
+        figsize: figure size in inches; the PNG is `figsize * dpi` pixels.
+        dpi: resolution.
+
+    Returns:
+        `path` as a string.
+
+    Example:
+    >>> plot_recall_curve({1: 0.62, 2: 0.74, 4: 0.83, 8: 0.89}, "/tmp/r.png")
+    '/tmp/r.png'
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    if not results:
+        raise ValueError("`results` is empty.")
+    if all(isinstance(v, dict) for v in results.values()):
+        curves = {
+            str(n): _curve_points(c, f"results[{n!r}]") for n, c in results.items()
+        }
+    else:
+        curves = {None: _curve_points(results, "results")}
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    all_ks = sorted({k for ks, _ in curves.values() for k in ks})
+    for name, (ks, values) in curves.items():
+        percent = [100.0 * v for v in values]
+        ax.plot(ks, percent, marker="o", label=name)
+        for k, v in zip(ks, percent):
+            ax.annotate(
+                f"{v:.1f}",
+                (k, v),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
+    if all_ks[-1] > all_ks[0]:
+        ax.set_xscale("log", base=2 if all_ks[-1] <= 64 else 10)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(all_ks, [str(k) for k in all_ks])
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K (%)")
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if None not in curves:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = _parents(path)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def _to_rgb_uint8(images, name: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"`{name}` must be (N, H, W), (N, H, W, 1) or (N, H, W, 3); got shape "
+            f"{images.shape}."
+        )
+    if images.dtype != np.uint8:
+        images = images.astype(np.float32)
+        low, high = float(images.min()), float(images.max())
+        if low < 0.0:  # e.g. [-1, 1] preprocessing: rescale the array to [0, 1]
+            images = (images - low) / max(high - low, 1e-12)
+        elif high > 1.0:  # [0, 255]
+            images = images / 255.0
+        images = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return images
+
+
+def grid_layout(
+    image_hw: tuple[int, int], rows: int, k: int, scale: int, border: int, pad: int
+):
+    """Pixel layout of `plot_retrieval_grid`: canvas size and tile origins.
+
+    Returns:
+        `(height, width, tile_h, tile_w, origin)` where `origin(row, col)` is the
+        top-left pixel of a tile (frame included); column 0 is the query.
+    """
+    tile_h = image_hw[0] * scale + 2 * border
+    tile_w = image_hw[1] * scale + 2 * border
+    separator = 3 * pad
+
+    def origin(row: int, col: int) -> tuple[int, int]:
+        x = pad + col * (tile_w + pad) + (separator if col > 0 else 0)
+        return pad + row * (tile_h + pad), x
+
+    height = pad + rows * (tile_h + pad)
+    width = pad + (k + 1) * (tile_w + pad) + separator
+    return height, width, tile_h, tile_w, origin
+
+
+def plot_retrieval_grid(
+    query_images,
+    query_labels,
+    gallery_images,
+    gallery_labels,
+    neighbor_indices,
+    path,
+    num_queries: int = 8,
+    k: int = 5,
+    query_indices=None,
+    scale: int | None = None,
+    border: int = 4,
+    pad: int = 4,
+) -> str:
+    """Writes a PNG grid: each row a query, then its top-`k` retrieved images.
+
+    The query is framed blue; a retrieved image of the query's class is framed
+    green, any other red. The pixel layout is exact (see `grid_layout`): tiles of
+    `H * scale + 2 * border` by `W * scale + 2 * border` pixels, `pad` pixels
+    apart, with a wider gap after the query column.
+
+    Args:
+        query_images: `(Q, H, W)`, `(Q, H, W, 1)` or `(Q, H, W, 3)` images, uint8
+            or float in [0, 1] or [0, 255] (float arrays with negative values are
+            rescaled from their min-max range).
+        query_labels: `(Q,)` labels.
+        gallery_images: gallery images, same layout; for leave-one-out pass the
+            query arrays again.
+        gallery_labels: `(G,)` labels.
+        neighbor_indices: `(Q, >= k)` gallery indices by rank, e.g. from
+            `xbm_tf.evaluation.nearest_neighbors`.
+        path: output PNG path; parent directories are created.
+        num_queries: rows to draw (at most Q).
+        k: neighbours per row.
+        query_indices: which queries to draw; default `num_queries` spread
+            evenly over the query set (datasets are often sorted by class).
+        scale: integer upsampling of each image; default makes tiles >= 64 px.
+        border: frame width in pixels.
+        pad: spacing in pixels.
+
+    Returns:
+        `path` as a string.
+
+    Example:
+    >>> imgs = np.random.rand(10, 8, 8)
+    >>> nn = np.argsort(np.random.rand(10, 10), axis=1)
+    >>> plot_retrieval_grid(imgs, np.arange(10) % 2, imgs, np.arange(10) % 2, nn,
+    ...                     "/tmp/grid.png", num_queries=3, k=4)
+    '/tmp/grid.png'
+    """
+    from matplotlib.image import imsave
+
+    queries = _to_rgb_uint8(query_images, "query_images")
+    gallery = _to_rgb_uint8(gallery_images, "gallery_images")
+    query_labels = np.asarray(query_labels).reshape(-1)
+    gallery_labels = np.asarray(gallery_labels).reshape(-1)
+    nn = np.asarray(neighbor_indices)
+    if len(query_labels) != len(queries):
+        raise ValueError(
+            f"{len(queries)} query images but {len(query_labels)} query labels."
+        )
+    if len(gallery_labels) != len(gallery):
+        raise ValueError(
+            f"{len(gallery)} gallery images but {len(gallery_labels)} gallery labels."
+        )
+    if nn.ndim != 2 or nn.shape[0] != len(queries) or nn.shape[1] < k:
+        raise ValueError(
+            f"`neighbor_indices` must be ({len(queries)}, >= k={k}); got shape "
+            f"{nn.shape}."
+        )
+    if k < 1 or num_queries < 1:
+        raise ValueError(f"`k` and `num_queries` must be >= 1; got {k}, {num_queries}.")
+    if query_indices is None:
+        rows = min(num_queries, len(queries))
+        query_indices = np.unique(np.linspace(0, len(queries) - 1, rows).round())
+    query_indices = np.asarray(query_indices, dtype=np.int64).reshape(-1)
+    if query_indices.min() < 0 or query_indices.max() >= len(queries):
+        raise ValueError(
+            f"`query_indices` must lie in [0, {len(queries)}); got "
+            f"{query_indices.tolist()}."
+        )
+    shown = nn[query_indices, :k]
+    if shown.min() < 0 or shown.max() >= len(gallery):
+        raise ValueError(
+            f"`neighbor_indices` must lie in [0, {len(gallery)}); got values in "
+            f"[{shown.min()}, {shown.max()}]."
+        )
+
+    h = max(queries.shape[1], gallery.shape[1])
+    w = max(queries.shape[2], gallery.shape[2])
+    if scale is None:
+        scale = max(1, math.ceil(64 / min(h, w)))
+    height, width, _, _, origin = grid_layout(
+        (h, w), len(query_indices), k, scale, border, pad
+    )
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = BACKGROUND
+
+    def put(image, row, col, color):
+        y, x = origin(row, col)
+        inner_h, inner_w = h * scale + 2 * border, w * scale + 2 * border
+        canvas[y : y + inner_h, x : x + inner_w] = color
+        big = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        top = y + border + (h - image.shape[0]) * scale // 2
+        left = x + border + (w - image.shape[1]) * scale // 2
+        canvas[y + border : y + inner_h - border, x + border : x + inner_w - border] = (
+            BACKGROUND
+        )
+        canvas[top : top + big.shape[0], left : left + big.shape[1]] = big
+
+    for row, qi in enumerate(query_indices):
+        put(queries[qi], row, 0, QUERY_FRAME)
+        for col, gi in enumerate(shown[row], start=1):
+            hit = gallery_labels[gi] == query_labels[qi]
+            put(gallery[gi], row, col, GREEN if hit else RED)
+    path = _parents(path)
+    imsave(path, canvas, format="png")
+    return path
