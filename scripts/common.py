@@ -10,7 +10,7 @@ import json
 import os
 
 import numpy as np
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 
 from xbm_tf import data, distribute, evaluation, plots
@@ -286,3 +286,14 @@ def write_table(results: dict[str, dict[str, float]], out_dir: str) -> str:
 def quiet_tensorflow() -> None:
     """Keeps TensorFlow's INFO chatter (SavedModel writing) off the console."""
     absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def main(argv, run) -> None:
+    """The scripts' `main`: one call of `run()`, flag and data errors as messages."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_tensorflow()
+    try:
+        run()
+    except (FlagError, data.DatasetLayoutError) as error:
+        raise SystemExit(f"error: {error}") from None

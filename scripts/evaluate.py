@@ -24,7 +24,6 @@ from absl import app, flags  # noqa: E402
 from common import FlagError  # noqa: E402
 
 import xbm_tf  # noqa: E402, F401  (registers the custom objects of .keras files)
-from xbm_tf import data  # noqa: E402
 from xbm_tf.export import load_exported_embedder  # noqa: E402
 from xbm_tf.retrieval_callback import RetrievalEvaluation  # noqa: E402
 
@@ -46,21 +45,25 @@ class _ExportedEmbedder:
         return self._embed(images)
 
 
+def check_model_path(path: str) -> None:
+    if not (os.path.isdir(path) or (path.endswith(".keras") and os.path.isfile(path))):
+        raise FlagError(
+            f"--model={path} is neither a SavedModel directory nor a .keras file"
+        )
+
+
 def load_model(path: str):
     """The embedding model behind --model, whichever of the two kinds it is."""
     if os.path.isdir(path):
         return _ExportedEmbedder(path)
-    if path.endswith(".keras") and os.path.isfile(path):
-        return keras.models.load_model(path)
-    raise FlagError(
-        f"--model={path} is neither a SavedModel directory nor a .keras file"
-    )
+    return keras.models.load_model(path)
 
 
 def run() -> dict[str, float]:
     common.require(_MODEL)
     common.check_data_flags()
     model_path = _MODEL.value.rstrip("/")
+    check_model_path(model_path)
     out_dir = _OUTPUT_DIR.value or os.path.join(
         os.path.dirname(os.path.abspath(model_path)), "evaluation"
     )
@@ -83,13 +86,7 @@ def run() -> dict[str, float]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    common.quiet_tensorflow()
-    try:
-        run()
-    except (FlagError, data.DatasetLayoutError) as error:
-        raise SystemExit(f"error: {error}") from None
+    common.main(argv, run)
 
 
 if __name__ == "__main__":

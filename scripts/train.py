@@ -201,13 +201,7 @@ def run(extra_callbacks=()) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    common.quiet_tensorflow()
-    try:
-        run()
-    except (FlagError, data.DatasetLayoutError) as error:
-        raise SystemExit(f"error: {error}") from None
+    common.main(argv, run)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,9 @@ def test_missing_dataset_file_is_named(parse, tmp_path):
     parse(f"--workdir={tmp_path / 'run'}", "--dataset=cub", f"--data_dir={root}")
     with pytest.raises(train.data.DatasetLayoutError, match="images.txt"):
         train.run()
+
+
+def test_evaluate_names_a_bad_model_path(parse, tmp_path):
+    parse(f"--model={tmp_path / 'nothing.keras'}")
+    with pytest.raises(evaluate.FlagError, match="nothing.keras is neither a Saved"):
+        evaluate.run()

@@ -62,27 +62,4 @@ class ContrastiveLoss(PairLoss):
     """
 
     def __init__(self, margin: float = 0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.margin = margin
-
-    def pair_loss(
-        self,
-        query_embeddings,
-        query_labels,
-        key_embeddings,
-        key_labels,
-        key_mask=None,
-        query_key_index=None,
-    ):
-        return contrastive_loss(
-            query_embeddings,
-            query_labels,
-            key_embeddings,
-            key_labels,
-            key_mask=key_mask,
-            query_key_index=query_key_index,
-            margin=self.margin,
-        )
-
-    def get_config(self):
-        return {**super().get_config(), "margin": self.margin}
+        super().__init__(contrastive_loss, margin=margin, **kwargs)

@@ -80,39 +80,11 @@ class MultiSimilarityLoss(PairLoss):
         margin: float = 0.1,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.scale_pos = scale_pos
-        self.scale_neg = scale_neg
-        self.thresh = thresh
-        self.margin = margin
-
-    def pair_loss(
-        self,
-        query_embeddings,
-        query_labels,
-        key_embeddings,
-        key_labels,
-        key_mask=None,
-        query_key_index=None,
-    ):
-        return multi_similarity_loss(
-            query_embeddings,
-            query_labels,
-            key_embeddings,
-            key_labels,
-            key_mask=key_mask,
-            query_key_index=query_key_index,
-            scale_pos=self.scale_pos,
-            scale_neg=self.scale_neg,
-            thresh=self.thresh,
-            margin=self.margin,
+        super().__init__(
+            multi_similarity_loss,
+            scale_pos=scale_pos,
+            scale_neg=scale_neg,
+            thresh=thresh,
+            margin=margin,
+            **kwargs,
         )
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "scale_pos": self.scale_pos,
-            "scale_neg": self.scale_neg,
-            "thresh": self.thresh,
-            "margin": self.margin,
-        }

@@ -91,31 +91,6 @@ class TripletLoss(PairLoss):
     """
 
     def __init__(self, margin: float = 0.1, mining: str = "semihard", **kwargs):
-        super().__init__(**kwargs)
         if mining not in MINING_MODES:
             raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
-        self.margin = margin
-        self.mining = mining
-
-    def pair_loss(
-        self,
-        query_embeddings,
-        query_labels,
-        key_embeddings,
-        key_labels,
-        key_mask=None,
-        query_key_index=None,
-    ):
-        return triplet_loss(
-            query_embeddings,
-            query_labels,
-            key_embeddings,
-            key_labels,
-            key_mask=key_mask,
-            query_key_index=query_key_index,
-            margin=self.margin,
-            mining=self.mining,
-        )
-
-    def get_config(self):
-        return {**super().get_config(), "margin": self.margin, "mining": self.mining}
+        super().__init__(triplet_loss, margin=margin, mining=mining, **kwargs)
