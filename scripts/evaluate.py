@@ -79,7 +79,7 @@ def run() -> dict[str, float]:
     )
     os.makedirs(out_dir, exist_ok=True)
     metrics = common.evaluate_and_plot(evaluation.embed(), splits, out_dir, "test")
-    print(f"\n{splits.name}: {splits.describe()}", flush=True)
+    print(f"\n{splits.describe()}", flush=True)
     common.write_table({os.path.basename(model_path): metrics}, out_dir)
     print(f"Wrote {out_dir}/retrieval.json and PNGs", flush=True)
     return metrics
