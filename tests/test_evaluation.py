@@ -287,8 +287,9 @@ def test_other_entry_points_validate():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recall_beyond_the_search_counts_ranks_exactly(backend, monkeypatch):
-    # With the search capped at 2 neighbours, R@K for K > 2 comes from counting
-    # the rank of each query's best same-class item; it must equal the loop.
+    # R@K for every K comes from counting the rank of each query's best
+    # same-class item (the search cap, here 2, only bounds the top-R search and
+    # the large-class fallback); it must equal the loop for K far past the cap.
     monkeypatch.setattr(ev, "_SEARCH_K_CAP", 2)
     x, y = _clustered(300, 60, 16, noise=1.6, seed=7)
     ks = (1, 2, 3, 10, 50, 299)
@@ -307,3 +308,43 @@ def test_recall_beyond_the_search_counts_ranks_exactly(backend, monkeypatch):
     recall, _, _, _ = _reference(x, y, ks=(1, 3, 10, 40))
     assert ev.recall_at_k(x, y, ks=(1, 3, 10, 40), backend=backend) == recall
     assert ev.recall_at_k(x, np.arange(150), ks=(40,), backend=backend) == {40: 0.0}
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64, 1000])
+def test_rank_counting_is_independent_of_blocks_and_matches_the_loop(block_size):
+    # Leave-one-out counts the upper triangle once, updating rows and columns;
+    # every block split must give the loop's ranks, and so must query/gallery.
+    x, y = _clustered(240, 50, 12, noise=1.4, seed=11)
+    ks = (1, 2, 5, 30, 239)
+    recall, _, _, _ = _reference(x, y, ks=ks)
+    assert recall[1] < recall[30] < 1.0
+    assert ev.recall_at_k(x, y, ks=ks, block_size=block_size) == recall
+    q, ql, g, gl = x[:90], y[:90], x[90:], y[90:]
+    recall, _, _, _ = _reference(q, ql, g, gl, ks=(1, 3, 20, 150))
+    got = ev.recall_at_k(q, ql, g, gl, ks=(1, 3, 20, 150), block_size=block_size)
+    assert got == recall
+
+
+def test_rank_counting_band_and_fallback(monkeypatch):
+    # Duplicated vectors put several scores inside the rounding band around the
+    # best same-class score: those queries are re-ranked from their own row.
+    x = _exact_ties(150, 6, seed=3)
+    x = np.concatenate([x, x[:40]])  # exact duplicates at higher indices
+    y = np.concatenate([np.arange(150) % 11, np.arange(40) % 5])
+    ks = (1, 2, 3, 10, 60)
+    recall, _, _, _ = _reference(x, y, ks=ks)
+    assert ev.recall_at_k(x, y, ks=ks, block_size=16) == recall
+    calls = []
+    orig = ev._first_hit_ranks
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[4]))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "_first_hit_ranks", spy)
+    assert ev.recall_at_k(x, y, ks=ks) == recall
+    assert 0 < calls[0] < len(x)  # only the ambiguous queries are re-ranked
+    # Classes too large for the pair pass: top-k search, then counting misses.
+    monkeypatch.setattr(ev, "_MAX_PAIRS_PER_QUERY", 0)
+    for backend in BACKENDS:
+        assert ev.recall_at_k(x, y, ks=ks, backend=backend) == recall

@@ -23,10 +23,13 @@ the papers' protocol (every test image is a query). For MAP@R and R-precision, R
 makes the per-query score undefined (0/0), so such queries are excluded from the
 mean, as in Musgrave et al. 2020; if no query has R > 0 the result is NaN.
 
-All metrics are exact (no approximate search). Recall@K, MAP@R and R-precision are
-derived from one top-k neighbour search (`nearest_neighbors`); Recall@K for K larger
-than that search counts the rank of each remaining query's best same-class item
-exactly instead of selecting K neighbours (see `recall_at_k`).
+All metrics are exact (no approximate search). Recall@K for every K comes from one
+blocked float32 matmul pass that counts, for each query, the candidates ranked
+before its best same-class item (its 0-based rank; a hit at K iff rank < K), with
+no top-k selection; under leave-one-out only the upper triangle of the symmetric
+similarity matrix is computed. This pass is plain numpy/BLAS whatever the backend.
+MAP@R and R-precision need the top R neighbours, found by the backend's search
+(`nearest_neighbors`; ScaNN brute force by default).
 
 Reference:
     - Song et al., "Deep Metric Learning via Lifted Structured Feature Embedding",
@@ -59,6 +62,8 @@ _METRIC_CHUNK_ROWS = 8192
 # Recall@K for K beyond this many neighbours is computed by exact rank counting
 # for the queries whose first hit lies beyond the search, instead of a top-K search.
 _SEARCH_K_CAP = 64
+# Above this many same-class pairs per query, rank counting falls back to search.
+_MAX_PAIRS_PER_QUERY = 256
 
 _logger = logging.getLogger(__name__)
 
@@ -240,15 +245,20 @@ def _scann_search(q, g, k, leave_one_out, block_size):
     return idx, scores
 
 
-def _search(q, g, k, leave_one_out, backend, block_size):
+def _check_block_size(block_size, backend: str) -> int:
     if block_size is None:
-        block_size = _DEFAULT_BLOCK_SIZE[backend]
+        return _DEFAULT_BLOCK_SIZE[backend]
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
         raise ValueError(f"`block_size` must be a positive integer; got {block_size}.")
     if block_size < 1:
         raise ValueError(f"`block_size` must be a positive integer; got {block_size}.")
+    return int(block_size)
+
+
+def _search(q, g, k, leave_one_out, backend, block_size):
+    block_size = _check_block_size(block_size, backend)
     fn = _scann_search if backend == "scann" else _exact_search
-    return fn(q, g, int(k), leave_one_out, int(block_size))
+    return fn(q, g, int(k), leave_one_out, block_size)
 
 
 def nearest_neighbors(
@@ -369,26 +379,143 @@ def _first_hit_ranks(q, g, q_codes, g_codes, rows, leave_one_out, chunk=256):
     return ranks
 
 
+def _best_same_class(q, g, q_codes, g_codes, leave_one_out, chunk=65536):
+    """Best same-class score per query (self excluded), `-inf` if there is none.
+
+    Scores come from per-pair dot products, so they may differ from a matmul's by
+    rounding; `_count_first_hit_ranks` allows for that. Returns `None` if the
+    classes are so large that the pairs would cost more than the matmul.
+    """
+    counts = np.bincount(g_codes, minlength=int(q_codes.max()) + 1)
+    per_query = counts[q_codes]
+    total = int(per_query.sum())
+    if total > _MAX_PAIRS_PER_QUERY * len(q):
+        return None
+    order = np.argsort(g_codes, kind="stable")
+    class_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    if leave_one_out:  # classes of equal size at once: (C, s, dim) @ (C, dim, s)
+        best = np.full(len(q), -np.inf, np.float32)
+        for size in np.unique(counts[counts > 1]):
+            classes = np.flatnonzero(counts == size)
+            for c0 in range(0, len(classes), max(1, chunk // (size * size))):
+                cls = classes[c0 : c0 + max(1, chunk // (size * size))]
+                members = order[class_start[cls][:, None] + np.arange(size)]
+                emb = g[members]
+                sims = np.matmul(emb, emb.transpose(0, 2, 1))
+                sims[:, np.arange(size), np.arange(size)] = -np.inf
+                best[members] = sims.max(axis=2)
+        return best
+    query_of_pair = np.repeat(np.arange(len(q)), per_query)
+    pair_offset = np.concatenate([[0], np.cumsum(per_query)[:-1]])
+    within = np.arange(total) - np.repeat(pair_offset, per_query)
+    member = order[class_start[q_codes[query_of_pair]] + within]
+    scores = np.empty(total, np.float32)
+    for start in range(0, total, chunk):
+        sl = slice(start, start + chunk)
+        scores[sl] = np.einsum("ij,ij->i", q[query_of_pair[sl]], g[member[sl]])
+    if leave_one_out:
+        scores[member == query_of_pair] = -np.inf
+    best = np.full(len(q), -np.inf, np.float32)
+    has = per_query > 0
+    if has.any():
+        best[has] = np.maximum.reduceat(scores, pair_offset[has])
+    return best
+
+
+def _count_first_hit_ranks(q, g, q_codes, g_codes, leave_one_out, block_size):
+    """Exact 0-based rank of every query's best same-class item, by counting.
+
+    One blocked float32 matmul pass (under leave-one-out only the upper triangle
+    of the symmetric similarity matrix, each block updating its rows and its
+    columns) counts, per query, the candidates scoring above its best same-class
+    score `b`, outside a band `b +- eps` that covers float32 rounding (a bound of
+    `2 * dim * 2**-24 * |q| * max|g|`). Where the band holds exactly one score,
+    that is the best same-class item and the count is its rank whatever the
+    rounding; the few queries with other scores in the band (ties, near-ties) are
+    ranked by `_first_hit_ranks`, exactly as documented. No top-k is selected,
+    so Recall@K for every K costs one pass. Returns `None` (use the search) if
+    the classes are too large for `_best_same_class`.
+    """
+    best = _best_same_class(q, g, q_codes, g_codes, leave_one_out)
+    if best is None:
+        return None
+    has = np.isfinite(best)
+    unit = q.shape[1] * 2.0**-24  # relative error bound of a float32 dot product
+    q_sq = np.einsum("ij,ij->i", q, q).astype(np.float64) * (1 + 2 * unit)
+    g_sq = float(np.einsum("ij,ij->i", g, g).max()) * (1 + 2 * unit)
+    eps = 2.0 * unit * np.sqrt(q_sq * g_sq) + 1e-30
+    # Round the band outwards so that float32 thresholds still contain it.
+    lo = np.nextafter((best - eps).astype(np.float32), np.float32(-np.inf))
+    hi = np.nextafter((best + eps).astype(np.float32), np.float32(np.inf))
+    lo[~has] = hi[~has] = np.inf
+    above = np.zeros(len(q), np.int64)  # scores > hi
+    over_lo = np.zeros(len(q), np.int64)  # scores > lo
+    buf = np.empty(min(block_size, len(q)) * g.shape[0], np.bool_)
+
+    def count(sims, thresholds, axis, out):
+        mask = buf[: sims.size].reshape(sims.shape)
+        np.greater(sims, thresholds, out=mask)
+        out += mask.view(np.uint8).sum(axis=axis, dtype=np.int32)
+
+    for start in range(0, len(q), block_size):
+        stop = min(start + block_size, len(q))
+        if leave_one_out:
+            # Upper triangle strip: its rows get every column from `start` on (the
+            # columns before were counted by earlier strips), and the columns
+            # after the block get these rows.
+            sims = q[start:stop] @ g[start:].T
+            rows = np.arange(stop - start)
+            sims[rows, rows] = -np.inf
+            rest = sims[:, stop - start :]
+            count(rest, hi[None, stop:], 0, above[stop:])
+            count(rest, lo[None, stop:], 0, over_lo[stop:])
+        else:
+            sims = q[start:stop] @ g.T
+        count(sims, hi[start:stop, None], 1, above[start:stop])
+        count(sims, lo[start:stop, None], 1, over_lo[start:stop])
+    ranks = np.where(has, above, _NO_HIT)
+    ambiguous = np.flatnonzero(has & (over_lo - above != 1))
+    if ambiguous.size:
+        ranks[ambiguous] = _first_hit_ranks(
+            q, g, q_codes, g_codes, ambiguous, leave_one_out
+        )
+    return ranks
+
+
 def _metrics(q, g, q_codes, g_codes, r, loo, ks, with_map, backend, block_size):
-    """One top-k search, then exact rank counting for first hits beyond it."""
-    k = min(max(ks), _SEARCH_K_CAP) if ks else 0
-    if with_map:
-        k = max(k, int(r.max()))
+    """Recall@K by one counting pass; MAP@R from a top-R search (if needed)."""
+    rows = _check_block_size(block_size, backend)
+    k_map = int(r.max()) if with_map else 0
     out = {}
-    if k > 0:
-        idx, _ = _search(q, g, k, loo, backend, block_size)
-        first, ap_sum, rp_sum = _scan_neighbors(idx, q_codes, g_codes, r, with_map)
+    first = None
+    if k_map > 0:
+        idx, _ = _search(q, g, k_map, loo, backend, block_size)
+        first, ap_sum, rp_sum = _scan_neighbors(idx, q_codes, g_codes, r, True)
     else:
-        first, ap_sum, rp_sum = np.full(len(q), _NO_HIT, np.int64), 0.0, 0.0
-    if ks and max(ks) > k:
-        beyond = np.flatnonzero((first == _NO_HIT) & (r > 0))
-        if beyond.size:
-            first[beyond] = _first_hit_ranks(q, g, q_codes, g_codes, beyond, loo)
+        ap_sum = rp_sum = 0.0
+    if ks and (first is None or max(ks) > k_map):
+        first = _count_first_hit_ranks(q, g, q_codes, g_codes, loo, rows)
+        if first is None:  # huge classes: top-k search, then count the misses
+            first = _search_then_count(
+                q, g, q_codes, g_codes, r, loo, ks, backend, block_size
+            )
     for kk in ks:
         out[f"recall@{kk}"] = int(np.count_nonzero(first < kk)) / len(q)
     if with_map:
         out.update(_map_values(ap_sum, rp_sum, r))
     return out
+
+
+def _search_then_count(q, g, q_codes, g_codes, r, loo, ks, backend, block_size):
+    """Top-k search, then exact rank counting for first hits beyond it."""
+    k = min(max(ks), _SEARCH_K_CAP)
+    idx, _ = _search(q, g, k, loo, backend, block_size)
+    first, _, _ = _scan_neighbors(idx, q_codes, g_codes, r, False)
+    if max(ks) > k:
+        beyond = np.flatnonzero((first == _NO_HIT) & (r > 0))
+        if beyond.size:
+            first[beyond] = _first_hit_ranks(q, g, q_codes, g_codes, beyond, loo)
+    return first
 
 
 def _map_values(ap_sum, rp_sum, r):
@@ -474,9 +601,11 @@ def retrieval_metrics(
         gallery_embeddings: `(num_gallery, dim)` embeddings, or `None` for the
             leave-one-out protocol (CUB, Cars, SOP).
         gallery_labels: `(num_gallery,)` labels, or `None`.
-        ks: the K of Recall@K.
-        backend: `"scann"` or `"exact"`; see `nearest_neighbors`.
-        block_size: see `nearest_neighbors`.
+        ks: the K of Recall@K (computed by rank counting, see `recall_at_k`).
+        backend: `"scann"` (default) or `"exact"`: the top-R search for MAP@R
+            and R-precision; see `nearest_neighbors`.
+        block_size: query rows per block of the search and of the counting
+            pass; see `nearest_neighbors`.
 
     Returns:
         `{"recall@1": ..., "recall@K": ..., "map@r": ..., "r_precision": ...}`.
@@ -511,11 +640,16 @@ def recall_at_k(
     gallery, the In-Shop query/gallery protocol. A query with no other item of its
     class counts as a miss at every K.
 
-    One top-k search serves all K: for `k = min(max(ks), 64)` neighbours. For a
-    larger K (SOP's R@1000), only the queries whose first same-class item lies
-    beyond those k are re-scored, and the rank of that item is counted exactly
-    (the candidates scoring higher, plus equal scores at lower indices), so no
-    top-1000 selection is done and R@1000 costs about as much as R@64.
+    All K come from one counting pass: the rank of each query's best same-class
+    item is the number of candidates scoring higher (plus equal scores at lower
+    indices), counted in a blocked float32 matmul pass (only the upper triangle
+    of the similarity matrix under leave-one-out), so no top-K selection is done
+    and R@1000 costs the same as R@1. Counts are taken outside a float32 rounding
+    band around the best same-class score; the few queries with another score in
+    that band are re-ranked from their own row of scores, exactly as documented
+    for ties. `backend` is not used here unless queries have more than 256
+    same-class items on average (then: a backend top-64 search, and the same
+    counting for the queries it misses).
 
     Args:
         query_embeddings: `(num_queries, dim)` L2-normalised embeddings.
@@ -524,8 +658,10 @@ def recall_at_k(
         gallery_labels: `(num_gallery,)` labels, or `None`.
         ks: the K values; each at most the gallery size (`num_queries - 1` for
             leave-one-out).
-        backend: `"scann"` or `"exact"`; see `nearest_neighbors`.
-        block_size: see `nearest_neighbors`.
+        backend: `"scann"` (default) or `"exact"`; used only by the fallback
+            search described above; see `nearest_neighbors`.
+        block_size: query rows per block of the counting pass (memory
+            `block_size * num_gallery` floats); `None` picks 1024.
 
     Returns:
         `{K: recall}` for every K in `ks`.
