@@ -127,8 +127,8 @@ class XBMContrastiveModel(keras.Model):
         num_replicas = _num_replicas()
         global_batch = float(local_batch * num_replicas)
         # The keys are the global batch: every replica's rows, in replica order. The
-        # gather is differentiable (its gradient sums the replicas' key gradients),
-        # and stays outside the conditional so that collectives are unconditional.
+        # gather is differentiable (its gradient sums the replicas' key gradients)
+        # and runs on every step, so every replica takes part in the collective.
         all_embeddings, all_labels, own = _gather_global_batch(embeddings, labels)
         batch_losses = self.pair_loss.pair_loss(
             embeddings, labels, all_embeddings, all_labels, query_key_index=own
