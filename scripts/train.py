@@ -181,15 +181,20 @@ def run(extra_callbacks=()) -> dict:
     )
     before = common.evaluate_and_plot(evaluation.embed(), splits, workdir, "before")
     steps_per_epoch = min(common.STEPS_PER_EPOCH.value, common.STEPS.value)
+    epochs = -(-common.STEPS.value // steps_per_epoch)
     model.fit(
         train,
-        epochs=-(-common.STEPS.value // steps_per_epoch),
+        epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=make_callbacks(evaluation, workdir) + list(extra_callbacks),
         verbose=common.verbose(),
         shuffle=False,  # the P x K stream is shuffled by its sampler
     )
-    after = common.evaluate_and_plot(evaluation.embed(), splits, workdir, "after")
+    # The callback already embedded the test split after the last epoch, if it
+    # evaluated then: reuse those embeddings rather than embed it again.
+    last = evaluation.last_epoch_embeddings
+    final = last[1] if last and last[0] == epochs - 1 else evaluation.embed()
+    after = common.evaluate_and_plot(final, splits, workdir, "after")
     print("\nRetrieval on the unseen test classes:", flush=True)
     common.write_table({"before": before, "after": after}, workdir)
     export_dir = os.path.join(workdir, "export")

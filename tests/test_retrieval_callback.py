@@ -80,6 +80,10 @@ def test_every_n_epochs_and_prefix():
     evaluated = ["test_recall@3" in logs for logs in recorder.logs]
     assert evaluated == [False, True, False, True, False]
     assert "val_recall@1" not in recorder.logs[1]
+    # The embeddings of the last evaluated epoch (index 3) are kept for reuse.
+    epoch, (q, ql, g, gl) = evaluation.last_epoch_embeddings
+    assert epoch == 3 and g is None and gl is None
+    assert q.shape == (len(x), 6) and (ql == y).all()
 
 
 def test_gallery_dataset_and_embedding_submodel():

@@ -182,6 +182,9 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.block_size = block_size
         self._writer = None
+        # (epoch, embeddings) of the last evaluation run by `on_epoch_end`, so a
+        # caller can reuse the final epoch's embeddings instead of embedding again.
+        self.last_epoch_embeddings = None
 
     def _embedding_model(self):
         model = self.embedding_model or self.model
@@ -217,8 +220,11 @@ class RetrievalEvaluation(keras.callbacks.Callback):
             `{f"{prefix}recall@{k}": ..., f"{prefix}map@r": ...,
             f"{prefix}r_precision": ...}`.
         """
+        return self._evaluate(self.embed(), step)
+
+    def _evaluate(self, embedded, step):
         metrics = evaluation.retrieval_metrics(
-            *self.embed(),
+            *embedded,
             ks=self.ks,
             backend=self.backend,
             block_size=self.block_size,
@@ -240,7 +246,9 @@ class RetrievalEvaluation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:
             return
-        results = self.evaluate(step=epoch)
+        embedded = self.embed()
+        self.last_epoch_embeddings = (epoch, embedded)
+        results = self._evaluate(embedded, step=epoch)
         if logs is not None:
             logs.update(results)
 

@@ -74,10 +74,22 @@ def _memory_state(model):
     }
 
 
-def test_smoke_run_writes_everything_and_evaluate_agrees(parse, tmp_path, capsys):
+def test_smoke_run_writes_everything_and_evaluate_agrees(
+    parse, tmp_path, capsys, monkeypatch
+):
+    embeds = []
+    original_embed = train.RetrievalEvaluation.embed
+
+    def counting_embed(self):
+        embeds.append(1)
+        return original_embed(self)
+
+    monkeypatch.setattr(train.RetrievalEvaluation, "embed", counting_embed)
     workdir = tmp_path / "run"
     parse(f"--workdir={workdir}")
     after = train.run()
+    # Before training, after each of the 2 epochs; the final one is reused.
+    assert len(embeds) == 3
     out = capsys.readouterr().out
     assert "Retrieval on the unseen test classes" in out
     assert "recall@1" in out and "Exported the embedding model" in out
