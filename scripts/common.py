@@ -186,7 +186,6 @@ def input_shape() -> tuple[int, int, int]:
 
 def make_eval_datasets(splits: data.RetrievalSplits):
     """`(query, gallery)` evaluation datasets; gallery is None for leave-one-out."""
-
     if splits.test is not None:
         return make_eval_dataset(splits.test), None
     return make_eval_dataset(splits.query), make_eval_dataset(splits.gallery)
