@@ -145,7 +145,7 @@ def test_keras_file_round_trip_restores_memory_and_training(tmp_path):
     model.save(path)
     restored = keras.models.load_model(path)
     assert isinstance(restored.pair_loss, MultiSimilarityLoss)
-    assert restored.pair_loss.scale_neg == 30.0
+    assert restored.pair_loss.beta == 30.0
     assert restored.xbm_start_step == 3 and restored.memory_size == 36
     for a, b in zip(_memory_state(model), _memory_state(restored)):
         np.testing.assert_array_equal(a, b)

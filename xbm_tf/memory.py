@@ -12,7 +12,7 @@ class CrossBatchMemory(keras.layers.Layer):
     """A FIFO memory of the last `memory_size` embeddings and labels.
 
     The state is four non-trainable weights of fixed shape, saved with the model:
-    `embeddings` `(M, D)` float32, `labels` `(M,)` int32, `count` (how many rows are
+    `embeddings` `(M, D)` float32, `labels` `(M,)` int64, `count` (how many rows are
     valid, at most M) and `pointer` (the next row to write). `enqueue` writes a batch
     of B rows at `(pointer + arange(B)) % M` with an in-place scatter, so the memory
     is a true ring: after any sequence of enqueues, the valid rows are exactly the
@@ -53,10 +53,11 @@ class CrossBatchMemory(keras.layers.Layer):
             name="embeddings",
             **state,
         )
+        # int64, so no label is truncated (M x 8 bytes, small next to M x D x 4).
         self.labels = self.add_weight(
             shape=(self.memory_size,),
             initializer="zeros",
-            dtype="int32",
+            dtype="int64",
             name="labels",
             **state,
         )
@@ -73,7 +74,7 @@ class CrossBatchMemory(keras.layers.Layer):
 
         Args:
             embeddings: `(B, D)` embeddings; gradients do not flow into the memory.
-            labels: `(B,)` integer labels.
+            labels: `(B,)` integer labels, stored as int64.
             active: a Python or tensor boolean; when False the memory is left as
                 it is (the rows are rewritten with their own values and neither
                 pointer nor count moves). A tensor flag avoids a `tf.cond`, which
@@ -101,7 +102,7 @@ class CrossBatchMemory(keras.layers.Layer):
                 f"width {self.embedding_dim}"
             )
         embeddings = ops.stop_gradient(ops.cast(embeddings, "float32"))
-        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        labels = ops.cast(ops.reshape(labels, (-1,)), "int64")
         pointer = ops.convert_to_tensor(self.pointer)
         rows = (pointer + ops.arange(batch_size, dtype="int32")) % self.memory_size
         step = batch_size

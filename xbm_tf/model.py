@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import ops
 
 from xbm_tf.losses import ContrastiveLoss, PairLoss
+from xbm_tf.losses.pairs import check_labels
 from xbm_tf.memory import CrossBatchMemory
 
 
@@ -15,7 +16,7 @@ class XBMContrastiveModel(keras.Model):
     """Trains an embedding model with a pair loss and a Cross-Batch Memory.
 
     Each training step embeds the batch, computes `loss(batch, batch)`, and, once
-    the optimizer has taken `xbm_start_step` steps, first enqueues the batch's
+    the optimizer has applied `xbm_start_step` updates, first enqueues the batch's
     embeddings (no gradient) and labels into the memory, then adds
     `xbm_weight * loss(batch, memory)`. A query is never paired with itself: not in
     the batch, and not with its own copy just written to the memory. Each total is
@@ -31,11 +32,25 @@ class XBMContrastiveModel(keras.Model):
     `call()` returns the L2-normalised float32 embeddings, so `predict` gives
     retrieval features; `test_step` reports the in-batch loss.
 
+    Labels are integers of any dtype but uint64; they are compared and stored in
+    the memory as int64, so no label is truncated or merged (float labels are a
+    TypeError).
+
+    `compile(loss=...)` takes a `PairLoss`, which replaces the constructor's
+    `loss`; `compile(metrics=...)`, `loss_weights` and sample weights (or
+    `class_weight`) in the data raise a ValueError, since the pair losses have no
+    per-sample target (use `xbm_tf.RetrievalEvaluation` for Recall@K).
+
+    The warm-up counts the optimizer's applied updates (`optimizer.iterations`),
+    like its learning-rate schedule: under a `keras.optimizers.LossScaleOptimizer`
+    a step skipped for non-finite gradients changes no weight and does not count.
+
     Args:
         embedding_model: a Keras model mapping inputs to `(B, D)` embeddings.
         memory_size: M, the number of rows in the memory (>= the global batch).
         xbm_weight: the weight of the memory loss.
-        xbm_start_step: the optimizer step from which the memory is used (the paper
+        xbm_start_step: the number of applied optimizer updates
+            (`optimizer.iterations`) after which the memory is used (the paper
             waits ~1,000 iterations while features still drift fast).
         loss: a `xbm_tf.losses.PairLoss`; default `ContrastiveLoss(margin=0.5)`.
         embedding_dim: D, needed only if `embedding_model` has no static output
@@ -96,6 +111,57 @@ class XBMContrastiveModel(keras.Model):
             ops.sqrt(ops.sum(ops.square(embeddings), axis=-1, keepdims=True)), 1e-12
         )
 
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
+        **kwargs,
+    ):
+        """Configures training; a `PairLoss` given as `loss` replaces the model's.
+
+        Args:
+            optimizer: as in `keras.Model.compile`.
+            loss: None (keep the constructor's `loss`) or a
+                `xbm_tf.losses.PairLoss`, which replaces it.
+            loss_weights, metrics, weighted_metrics: must be None; the model
+                logs `loss`, `batch_loss`, `xbm_loss` and `memory_fill`, and
+                `xbm_weight` weights the memory loss.
+            **kwargs: the other arguments of `keras.Model.compile` (e.g.
+                `jit_compile`, `steps_per_execution`).
+        """
+        if loss is not None and not isinstance(loss, PairLoss):
+            raise TypeError(
+                "XBMContrastiveModel.compile(loss=...) takes an "
+                "xbm_tf.losses.PairLoss (e.g. TripletLoss()), which replaces the "
+                "constructor's loss= argument; got "
+                f"{type(loss).__name__}"
+            )
+        for name, value in (
+            ("metrics", metrics),
+            ("weighted_metrics", weighted_metrics),
+            ("loss_weights", loss_weights),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"XBMContrastiveModel.compile does not take {name}={value!r}: "
+                    "pair losses have no per-sample target for Keras metrics, and "
+                    "the memory loss is weighted by the constructor's xbm_weight. "
+                    "Use the xbm_tf.RetrievalEvaluation callback for Recall@K "
+                    "and MAP@R"
+                )
+        if loss is not None:
+            self.pair_loss = loss
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        """Compiles a loaded model as saved (Keras skips a custom `compile`)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     @property
     def metrics(self):
         return [self.loss_tracker, self.batch_loss_tracker, self.xbm_loss_tracker]
@@ -108,14 +174,14 @@ class XBMContrastiveModel(keras.Model):
 
         Args:
             embeddings: `(B, D)` L2-normalised embeddings of this replica's batch.
-            labels: `(B,)` integer labels.
-            training_step: the optimizer step, to gate the memory.
+            labels: `(B,)` integer labels (any integer dtype but uint64).
+            training_step: the optimizer's applied updates, to gate the memory.
 
         Returns:
             `(batch_loss, xbm_loss)`, each a sum over local queries divided by the
             global batch size.
         """
-        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        labels = check_labels(ops.reshape(labels, (-1,)), "labels")
         local_batch = embeddings.shape[0]
         if local_batch is None:
             raise ValueError(
@@ -172,7 +238,7 @@ class XBMContrastiveModel(keras.Model):
     def test_step(self, data):
         images, labels = _unpack(data)
         embeddings = self(images, training=False)
-        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        labels = check_labels(ops.reshape(labels, (-1,)), "labels")
         all_embeddings, all_labels, own = _gather_global_batch(embeddings, labels)
         losses = self.pair_loss.pair_loss(
             embeddings, labels, all_embeddings, all_labels, query_key_index=own
@@ -218,11 +284,18 @@ class XBMContrastiveModel(keras.Model):
 
 
 def _unpack(data):
-    """`(images, labels)` or `(images, labels, sample_weight)` -> images, labels."""
+    """`(images, labels)` -> images, labels; sample weights are a ValueError."""
     if not isinstance(data, (tuple, list)) or len(data) < 2:
         raise ValueError(
             "XBMContrastiveModel trains on (images, labels) batches; got "
             f"{type(data).__name__}"
+        )
+    if len(data) > 2 and data[2] is not None:
+        raise ValueError(
+            "XBMContrastiveModel does not support sample weights (nor fit's "
+            "class_weight): each pair loss is a sum over (query, key) pairs, "
+            "which a per-sample weight does not define. Pass (images, labels) "
+            "batches; to rebalance classes, change the P x K sampler"
         )
     return data[0], data[1]
 

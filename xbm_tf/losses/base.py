@@ -1,28 +1,163 @@
-"""The thin `keras.losses.Loss` wrapper shared by every pair loss."""
+"""The thin `keras.losses.Loss` wrapper shared by every pair loss.
+
+Every pair-loss function has the signature `f(query_embeddings, query_labels,
+key_embeddings, key_labels, key_mask=None, query_key_index=None, **hparams)`; its
+keyword hyper-parameters and their defaults are written once, in the function, and
+the wrapper classes read them from there (`hyper_parameters`).
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
+import warnings
 
 import keras
 from keras import ops
 
+from xbm_tf.losses.pairs import check_labels
 
+__all__ = ["PairLoss", "hyper_parameters", "renamed_hyper_parameters"]
+
+SIGNATURE = (
+    "query_embeddings",
+    "query_labels",
+    "key_embeddings",
+    "key_labels",
+    "key_mask",
+    "query_key_index",
+)
+REQUIRED = inspect.Parameter.empty
+
+
+def hyper_parameters(fn) -> dict:
+    """The keyword hyper-parameters of a pair-loss function, with their defaults.
+
+    Args:
+        fn: a function `f(query_embeddings, query_labels, key_embeddings,
+            key_labels, key_mask=None, query_key_index=None, **hparams)`.
+
+    Returns:
+        `{name: default}` for every parameter after the six of the signature, in
+        order; a parameter without a default maps to `inspect.Parameter.empty`.
+
+    Example:
+    >>> hyper_parameters(contrastive_loss)
+    {'neg_margin': 0.5}
+    """
+    params = list(inspect.signature(fn).parameters.values())
+    names = tuple(p.name for p in params[: len(SIGNATURE)])
+    if names != SIGNATURE:
+        raise TypeError(
+            f"{getattr(fn, '__name__', fn)} must have the pair-loss signature "
+            f"f({', '.join(SIGNATURE)}, **hyper_parameters); got f({', '.join(names)})"
+        )
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[len(SIGNATURE) :] if p.kind in kinds}
+
+
+def _rename(owner: str, kwargs: dict, renames: dict) -> dict:
+    """Maps deprecated keyword names to their new names, with a warning."""
+    kwargs = dict(kwargs)
+    for old, new in renames.items():
+        if old not in kwargs:
+            continue
+        if new in kwargs:
+            raise TypeError(
+                f"{owner}: pass {new}= only ({old}= is its deprecated name)"
+            )
+        warnings.warn(
+            f"{owner}: the hyper-parameter {old}= is deprecated, use {new}=",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        kwargs[new] = kwargs.pop(old)
+    return kwargs
+
+
+def with_deprecated_names(fn, owner: str, explicit: dict, kwargs: dict) -> dict:
+    """A wrapper class's hyper-parameters: its explicit ones plus renamed old ones.
+
+    The classes list the new names with the function's defaults; an old name in
+    `kwargs` (e.g. `margin=` from a `.keras` file saved before the rename) takes
+    the place of its new name unless that was also given a non-default value.
+    """
+    renames = getattr(fn, "renamed_hyper_parameters", {})
+    defaults = hyper_parameters(fn)
+    kwargs = dict(kwargs)
+    explicit = dict(explicit)
+    for old, new in renames.items():
+        if old in kwargs and new in explicit:
+            if explicit[new] != defaults[new]:
+                raise TypeError(
+                    f"{owner}: pass {new}= only ({old}= is its deprecated name)"
+                )
+            del explicit[new]
+    return {**explicit, **_rename(owner, kwargs, renames)}
+
+
+def renamed_hyper_parameters(**renames: str):
+    """Decorator: a pair-loss function still accepts old keyword names, with a warning.
+
+    Args:
+        **renames: `old_name="new_name"` pairs.
+
+    Returns:
+        A decorator; the wrapped function has the same signature and a
+        `renamed_hyper_parameters` attribute `{old: new}` that `PairLoss` also
+        honours (so configs of `.keras` files saved with the old names still load).
+
+    Example:
+    >>> @renamed_hyper_parameters(margin="neg_margin")
+    ... def contrastive_loss(..., neg_margin=0.5): ...
+    """
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **_rename(fn.__name__, kwargs, renames))
+
+        wrapper.renamed_hyper_parameters = dict(renames)
+        return wrapper
+
+    return decorate
+
+
+@keras.saving.register_keras_serializable(package="xbm_tf")
 class PairLoss(keras.losses.Loss):
     """A loss between queries and keys, used in-batch as a `keras.losses.Loss`.
 
     Wraps a pure per-query function `fn(query_embeddings, query_labels,
-    key_embeddings, key_labels, key_mask=None, query_key_index=None, **fn_kwargs)`
+    key_embeddings, key_labels, key_mask=None, query_key_index=None, **hparams)`
     (e.g. `contrastive_loss`). As a Keras loss, `loss(y_true, y_pred)` takes integer
-    labels as `y_true` and L2-normalised embeddings as `y_pred`, compares the batch
-    with itself (each sample excluded from its own pairs) and reduces the per-query
-    losses with the usual Keras reduction (by default the mean over queries, as in
-    the paper). `XBMContrastiveModel` calls `pair_loss` directly, once with the
-    batch as keys and once with the memory as keys.
+    labels as `y_true` (any integer dtype; they are never cast to the loss dtype,
+    and float labels are a TypeError) and L2-normalised embeddings as `y_pred`,
+    compares the batch with itself (each sample excluded from its own pairs) and
+    reduces the per-query losses with the usual Keras reduction (by default the
+    mean over queries, as in the paper; `sample_weight` weights the queries).
+    `XBMContrastiveModel` calls `pair_loss` directly, once with the batch as keys
+    and once with the memory as keys.
+
+    The hyper-parameters are those of `fn`, with its defaults. Each is a read-only
+    attribute of the loss and an entry of its config: setting one raises an
+    AttributeError, since a compiled train step has it traced in (build a new loss
+    and compile again).
+
+    A `PairLoss(my_fn)` saves into `.keras` files when `my_fn` is registered with
+    `@keras.saving.register_keras_serializable()`; otherwise `get_config` (and so
+    `model.save`) raises a ValueError that says so.
 
     Args:
         fn: the per-query loss function.
         name, reduction, dtype: as in `keras.losses.Loss`.
-        **fn_kwargs: the function's hyper-parameters (e.g. `margin`); each is also
-            an attribute of the loss and an entry of its config.
+        **hyper_parameters: the function's hyper-parameters (e.g. `neg_margin`).
+
+    Example:
+    >>> @keras.saving.register_keras_serializable(package="my_project")
+    ... def my_loss(query_embeddings, query_labels, key_embeddings, key_labels,
+    ...             key_mask=None, query_key_index=None, scale=1.0): ...
+    >>> loss = PairLoss(my_loss, scale=2.0)
+    >>> value = loss(labels, embeddings)
     """
 
     def __init__(
@@ -31,13 +166,55 @@ class PairLoss(keras.losses.Loss):
         name: str | None = None,
         reduction="sum_over_batch_size",
         dtype=None,
-        **fn_kwargs,
+        **hyper_parameters_,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.fn = fn
-        self.fn_kwargs = fn_kwargs
-        for key, value in fn_kwargs.items():
-            setattr(self, key, value)
+        if not callable(fn):
+            raise TypeError(f"fn must be a pair-loss function, got {fn!r}")
+        defaults = hyper_parameters(fn)
+        owner = type(self).__name__
+        given = _rename(
+            owner, hyper_parameters_, getattr(fn, "renamed_hyper_parameters", {})
+        )
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise TypeError(
+                f"{owner}: unknown hyper-parameter(s) {unknown}; "
+                f"{getattr(fn, '__name__', 'fn')} takes {sorted(defaults)}"
+            )
+        values = {**defaults, **given}
+        missing = sorted(k for k, v in values.items() if v is REQUIRED)
+        if missing:
+            raise TypeError(f"{owner}: missing hyper-parameter(s) {missing}")
+        self.__dict__["_fn"] = fn
+        self.__dict__["_hyper_parameters"] = values
+
+    @property
+    def fn(self):
+        """The per-query loss function (read-only)."""
+        return self._fn
+
+    @property
+    def hyper_parameters(self) -> dict:
+        """A copy of `{name: value}` of the hyper-parameters passed to `fn`."""
+        return dict(self._hyper_parameters)
+
+    def __getattr__(self, name):
+        # Only called when the normal lookup fails: the hyper-parameters.
+        values = self.__dict__.get("_hyper_parameters", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__.get("_hyper_parameters", {}) or name == "fn":
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is read-only: the hyper-parameters "
+                "are fixed at construction (a compiled train step has them traced "
+                f"in). Build a new loss, e.g. {type(self).__name__}({name}="
+                f"{value!r}, ...), and pass it to the model or to compile(loss=...)"
+            )
+        super().__setattr__(name, value)
 
     def pair_loss(
         self,
@@ -49,15 +226,37 @@ class PairLoss(keras.losses.Loss):
         query_key_index=None,
     ):
         """Per-query losses `(B,)` of the queries against the keys."""
-        return self.fn(
+        return self._fn(
             query_embeddings,
             query_labels,
             key_embeddings,
             key_labels,
             key_mask=key_mask,
             query_key_index=query_key_index,
-            **self.fn_kwargs,
+            **self._hyper_parameters,
         )
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # Not keras.losses.Loss.__call__: it casts y_true to the loss dtype, which
+        # merges labels from 2^24 (float32) or 2048 (float16).
+        with keras.name_scope(self.name):
+            labels = check_labels(ops.reshape(y_true, (-1,)), "y_true (labels)")
+            losses = self.call(labels, ops.convert_to_tensor(y_pred, self.dtype))
+            losses = ops.cast(losses, "float32")
+            if sample_weight is not None:
+                sample_weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+                losses = losses * sample_weight
+            if self.reduction in (None, "none"):
+                return ops.cast(losses, self.dtype)
+            total = ops.sum(losses)
+            if self.reduction == "sum":
+                return ops.cast(total, self.dtype)
+            weighted = sample_weight is not None
+            if self.reduction == "mean_with_sample_weight" and weighted:
+                count = ops.sum(sample_weight)
+            else:
+                count = ops.cast(ops.shape(losses)[0], "float32")
+            return ops.cast(ops.divide_no_nan(total, count), self.dtype)
 
     def call(self, y_true, y_pred):
         labels = ops.reshape(y_true, (-1,))
@@ -66,4 +265,29 @@ class PairLoss(keras.losses.Loss):
         return self.pair_loss(y_pred, labels, y_pred, labels, query_key_index=own)
 
     def get_config(self):
-        return {**super().get_config(), **self.fn_kwargs}
+        config = {**super().get_config(), **self._hyper_parameters}
+        if type(self) is PairLoss:
+            config["fn"] = _serialize_function(self._fn)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "fn" in config:
+            config["fn"] = keras.saving.deserialize_keras_object(config["fn"])
+        return cls(**config)
+
+
+def _serialize_function(fn) -> dict:
+    """The Keras config of a registered function, or a ValueError saying how."""
+    name = keras.saving.get_registered_name(fn)
+    if keras.saving.get_registered_object(name) is not fn:
+        label = getattr(fn, "__name__", repr(fn))
+        raise ValueError(
+            f"PairLoss({label}) cannot be saved: its function is not registered "
+            "with Keras. Decorate it with "
+            "@keras.saving.register_keras_serializable(package='your_package') "
+            "(a named module-level function, not a lambda), and import that module "
+            "before keras.models.load_model"
+        )
+    return keras.saving.serialize_keras_object(fn)

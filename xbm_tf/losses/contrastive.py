@@ -5,10 +5,17 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from xbm_tf.losses.base import PairLoss
+from xbm_tf.losses.base import (
+    PairLoss,
+    hyper_parameters,
+    renamed_hyper_parameters,
+    with_deprecated_names,
+)
 from xbm_tf.losses.pairs import pair_masks, similarity_matrix
 
 
+@keras.saving.register_keras_serializable(package="xbm_tf")
+@renamed_hyper_parameters(margin="neg_margin")
 def contrastive_loss(
     query_embeddings,
     query_labels,
@@ -16,12 +23,12 @@ def contrastive_loss(
     key_labels,
     key_mask=None,
     query_key_index=None,
-    margin: float = 0.5,
+    neg_margin: float = 0.5,
 ):
     """Per-query contrastive loss (Hadsell et al. 2006, as used by XBM).
 
     For query `i` with similarities `s_ij` to the keys:
-    `sum_{j positive} (1 - s_ij) + sum_{j negative, s_ij > margin} s_ij`.
+    `sum_{j positive} (1 - s_ij) + sum_{j negative, s_ij > neg_margin} s_ij`.
     Summing over queries and dividing by the number of queries gives the paper's
     loss, which grows with the number of keys.
 
@@ -33,17 +40,22 @@ def contrastive_loss(
         key_mask: optional boolean `(M,)`, False for keys that must be ignored.
         query_key_index: optional integer `(B,)`, the index of each query's own copy
             among the keys (excluded); negative for none.
-        margin: negatives less similar than this cost nothing.
+        neg_margin: the similarity threshold of negatives: negatives at or below
+            it cost nothing (the paper's margin lambda; `margin=` is its
+            deprecated name).
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
     """
     sim = similarity_matrix(query_embeddings, key_embeddings)
     positive, negative = pair_masks(query_labels, key_labels, key_mask, query_key_index)
-    hard_negative = ops.logical_and(negative, ops.greater(sim, margin))
+    hard_negative = ops.logical_and(negative, ops.greater(sim, neg_margin))
     # One pass over the (B, M) pairs: positives cost 1 - s, hard negatives s.
     cost = ops.where(positive, 1.0 - sim, ops.where(hard_negative, sim, 0.0))
     return ops.sum(cost, axis=1)
+
+
+_DEFAULTS = hyper_parameters(contrastive_loss)
 
 
 @keras.saving.register_keras_serializable(package="xbm_tf")
@@ -51,15 +63,22 @@ class ContrastiveLoss(PairLoss):
     """Contrastive loss as a `keras.losses.Loss` (`y_true` labels, `y_pred` embeddings).
 
     Args:
-        margin: negatives with cosine similarity at or below it cost nothing.
+        neg_margin: negatives with cosine similarity at or below it cost nothing
+            (default 0.5, the paper's; `margin=` is its deprecated name).
+        name, reduction, dtype: as in `keras.losses.Loss`.
 
     Example:
-    >>> loss = ContrastiveLoss(margin=0.5)
+    >>> loss = ContrastiveLoss(neg_margin=0.5)
     >>> value = loss(labels, embeddings)  # in-batch loss, mean over queries
 
     Reference:
         Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020.
     """
 
-    def __init__(self, margin: float = 0.5, **kwargs):
-        super().__init__(contrastive_loss, margin=margin, **kwargs)
+    def __init__(self, neg_margin: float = _DEFAULTS["neg_margin"], **kwargs):
+        super().__init__(
+            contrastive_loss,
+            **with_deprecated_names(
+                contrastive_loss, "ContrastiveLoss", {"neg_margin": neg_margin}, kwargs
+            ),
+        )

@@ -5,7 +5,12 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from xbm_tf.losses.base import PairLoss
+from xbm_tf.losses.base import (
+    PairLoss,
+    hyper_parameters,
+    renamed_hyper_parameters,
+    with_deprecated_names,
+)
 from xbm_tf.losses.pairs import masked_max, masked_min, pair_masks, similarity_matrix
 
 
@@ -16,6 +21,10 @@ def _soft_sum(values, mask, scale):
     return ops.logsumexp(ops.concatenate([zeros, logits], axis=1), axis=1) / scale
 
 
+@keras.saving.register_keras_serializable(package="xbm_tf")
+@renamed_hyper_parameters(
+    scale_pos="alpha", scale_neg="beta", thresh="threshold", margin="epsilon"
+)
 def multi_similarity_loss(
     query_embeddings,
     query_labels,
@@ -23,49 +32,67 @@ def multi_similarity_loss(
     key_labels,
     key_mask=None,
     query_key_index=None,
-    scale_pos: float = 2.0,
-    scale_neg: float = 40.0,
-    thresh: float = 0.5,
-    margin: float = 0.1,
+    alpha: float = 2.0,
+    beta: float = 40.0,
+    threshold: float = 0.5,
+    epsilon: float = 0.1,
 ):
     """Per-query multi-similarity loss with its pair mining.
 
     Mining (as in the reference XBM code): a negative is kept if
-    `s_neg + margin > min(s_pos)`, a positive if `s_pos - margin < max(s_neg)`,
+    `s_neg + epsilon > min(s_pos)`, a positive if `s_pos - epsilon < max(s_neg)`,
     over all the query's positives and negatives. The query's loss is
-    `log(1 + sum_pos exp(-alpha (s - lambda))) / alpha
-    + log(1 + sum_neg exp(beta (s - lambda))) / beta`, and 0 if mining leaves no
+    `log(1 + sum_pos exp(-alpha (s - threshold))) / alpha
+    + log(1 + sum_neg exp(beta (s - threshold))) / beta`, and 0 if mining leaves no
     positive or no negative.
 
     Args:
         query_embeddings, query_labels, key_embeddings, key_labels, key_mask,
             query_key_index: as in `contrastive_loss`.
-        scale_pos: alpha. scale_neg: beta. thresh: lambda. margin: the mining margin.
+        alpha: the scale of the positive term (> 0).
+        beta: the scale of the negative term (> 0).
+        threshold: the similarity offset, lambda in the paper.
+        epsilon: the mining margin.
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
     """
+    for name, scale in (("alpha", alpha), ("beta", beta)):
+        if isinstance(scale, (int, float)) and not scale > 0:
+            raise ValueError(f"multi_similarity_loss: {name} must be > 0, got {scale}")
     sim = similarity_matrix(query_embeddings, key_embeddings)
     positive, negative = pair_masks(query_labels, key_labels, key_mask, query_key_index)
     min_pos = ops.expand_dims(masked_min(sim, positive), 1)
     max_neg = ops.expand_dims(masked_max(sim, negative), 1)
-    mined_neg = ops.logical_and(negative, ops.greater(sim + margin, min_pos))
-    mined_pos = ops.logical_and(positive, ops.less(sim - margin, max_neg))
-    pos_loss = _soft_sum(-(sim - thresh), mined_pos, scale_pos)
-    neg_loss = _soft_sum(sim - thresh, mined_neg, scale_neg)
+    mined_neg = ops.logical_and(negative, ops.greater(sim + epsilon, min_pos))
+    mined_pos = ops.logical_and(positive, ops.less(sim - epsilon, max_neg))
+    pos_loss = _soft_sum(-(sim - threshold), mined_pos, alpha)
+    neg_loss = _soft_sum(sim - threshold, mined_neg, beta)
     usable = ops.logical_and(ops.any(mined_pos, axis=1), ops.any(mined_neg, axis=1))
     return ops.where(usable, pos_loss + neg_loss, 0.0)
+
+
+_DEFAULTS = hyper_parameters(multi_similarity_loss)
 
 
 @keras.saving.register_keras_serializable(package="xbm_tf")
 class MultiSimilarityLoss(PairLoss):
     """Multi-similarity loss as a `keras.losses.Loss`.
 
+    The defaults are the reference XBM code's. The old names `scale_pos`,
+    `scale_neg`, `thresh` and `margin` are deprecated aliases of `alpha`, `beta`,
+    `threshold` and `epsilon`.
+
     Args:
-        scale_pos: alpha, 2 in the reference XBM code.
-        scale_neg: beta, 40.
-        thresh: lambda, 0.5.
-        margin: the mining margin epsilon, 0.1.
+        alpha: the scale of the positive term, 2.
+        beta: the scale of the negative term, 40.
+        threshold: the similarity offset lambda, 0.5.
+        epsilon: the mining margin, 0.1.
+        name, reduction, dtype: as in `keras.losses.Loss`.
+
+    Example:
+    >>> loss = MultiSimilarityLoss(alpha=2.0, beta=40.0)
+    >>> value = loss(labels, embeddings)
 
     Reference:
         Wang et al., "Multi-Similarity Loss with General Pair Weighting for Deep
@@ -74,17 +101,16 @@ class MultiSimilarityLoss(PairLoss):
 
     def __init__(
         self,
-        scale_pos: float = 2.0,
-        scale_neg: float = 40.0,
-        thresh: float = 0.5,
-        margin: float = 0.1,
+        alpha: float = _DEFAULTS["alpha"],
+        beta: float = _DEFAULTS["beta"],
+        threshold: float = _DEFAULTS["threshold"],
+        epsilon: float = _DEFAULTS["epsilon"],
         **kwargs,
     ):
+        explicit = dict(alpha=alpha, beta=beta, threshold=threshold, epsilon=epsilon)
         super().__init__(
             multi_similarity_loss,
-            scale_pos=scale_pos,
-            scale_neg=scale_neg,
-            thresh=thresh,
-            margin=margin,
-            **kwargs,
+            **with_deprecated_names(
+                multi_similarity_loss, "MultiSimilarityLoss", explicit, kwargs
+            ),
         )

@@ -8,7 +8,31 @@ are either the queries themselves (the in-batch loss) or the rows of a
 
 from __future__ import annotations
 
+import keras
 from keras import ops
+
+
+def check_labels(labels, name: str):
+    """`labels` as an int64 tensor, or a TypeError if they cannot compare exactly.
+
+    Labels are compared for equality, so they must be integers: floats (for
+    instance labels Keras cast to the loss dtype) merge large labels (float32
+    from 2^24, float16 from 2048), and uint64 labels above 2^63 do not fit int64.
+    Every other integer dtype is widened to int64, so any two label tensors
+    compare exactly whatever their dtypes.
+    """
+    labels = ops.convert_to_tensor(labels)
+    dtype = keras.backend.standardize_dtype(labels.dtype)
+    if dtype == "uint64":
+        raise TypeError(
+            f"{name} are uint64, which int64 cannot hold exactly: use int64 labels"
+        )
+    if "int" not in dtype:
+        raise TypeError(
+            f"{name} must be integers, got {dtype}: float labels merge large "
+            "labels (float32 from 2^24, float16 from 2048); pass integer labels"
+        )
+    return ops.cast(labels, "int64")
 
 
 def similarity_matrix(query_embeddings, key_embeddings):
@@ -22,8 +46,9 @@ def pair_masks(query_labels, key_labels, key_mask=None, query_key_index=None):
     """Boolean masks of the positive and negative (query, key) pairs.
 
     Args:
-        query_labels: integer labels, shape `(B,)`.
-        key_labels: integer labels, shape `(M,)`.
+        query_labels: integer labels, shape `(B,)`, any integer dtype but uint64.
+        key_labels: integer labels, shape `(M,)`, any integer dtype but uint64;
+            both are widened to int64 (float labels are a TypeError).
         key_mask: optional boolean `(M,)`; keys where it is False take part in no
             pair (the empty rows of a memory).
         query_key_index: optional integer `(B,)`; entry `i` is the index of the key
@@ -33,9 +58,10 @@ def pair_masks(query_labels, key_labels, key_mask=None, query_key_index=None):
     Returns:
         `(positive, negative)`, two boolean tensors of shape `(B, M)`.
     """
-    query_labels = ops.reshape(query_labels, (-1, 1))
-    key_labels = ops.reshape(key_labels, (1, -1))
-    same = ops.equal(query_labels, ops.cast(key_labels, query_labels.dtype))
+    # Both widened to int64: labels compare exactly whatever their integer dtypes.
+    query_labels = ops.reshape(check_labels(query_labels, "query_labels"), (-1, 1))
+    key_labels = ops.reshape(check_labels(key_labels, "key_labels"), (1, -1))
+    same = ops.equal(query_labels, key_labels)
     valid = ops.ones_like(same)
     if key_mask is not None:
         valid = ops.logical_and(valid, ops.reshape(ops.cast(key_mask, "bool"), (1, -1)))

@@ -6,12 +6,13 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from xbm_tf.losses.base import PairLoss
+from xbm_tf.losses.base import PairLoss, hyper_parameters
 from xbm_tf.losses.pairs import masked_max, masked_min, pair_masks, similarity_matrix
 
 MINING_MODES = ("hard", "semihard")
 
 
+@keras.saving.register_keras_serializable(package="xbm_tf")
 def triplet_loss(
     query_embeddings,
     query_labels,
@@ -77,20 +78,34 @@ def triplet_loss(
     return ops.where(usable, loss, 0.0)
 
 
+_DEFAULTS = hyper_parameters(triplet_loss)
+
+
 @keras.saving.register_keras_serializable(package="xbm_tf")
 class TripletLoss(PairLoss):
     """Triplet loss with hard or semi-hard mining as a `keras.losses.Loss`.
 
     Args:
-        margin: the required similarity gap between positive and negative.
-        mining: `"hard"` or `"semihard"`.
+        margin: the required similarity gap between positive and negative
+            (default 0.1).
+        mining: `"hard"` or `"semihard"` (default).
+        name, reduction, dtype: as in `keras.losses.Loss`.
+
+    Example:
+    >>> loss = TripletLoss(margin=0.1, mining="hard")
+    >>> value = loss(labels, embeddings)
 
     Reference:
         Schroff et al., "FaceNet", CVPR 2015; Hermans et al., "In Defense of the
         Triplet Loss", 2017.
     """
 
-    def __init__(self, margin: float = 0.1, mining: str = "semihard", **kwargs):
+    def __init__(
+        self,
+        margin: float = _DEFAULTS["margin"],
+        mining: str = _DEFAULTS["mining"],
+        **kwargs,
+    ):
         if mining not in MINING_MODES:
             raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
         super().__init__(triplet_loss, margin=margin, mining=mining, **kwargs)
