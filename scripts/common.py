@@ -7,13 +7,16 @@ flags here; the library (xbm_tf/) never reads flags.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from xbm_tf import data, distribute, evaluation, plots
+from xbm_tf import data, distribute, evaluation, losses, plots
+from xbm_tf.losses.base import hyper_parameters
+from xbm_tf.terminate_on_nonfinite import NonFiniteLossError
 
 DATASETS = ("quickstart", "cub", "cars196", "sop", "inshop")
 
@@ -67,7 +70,46 @@ MIXED = flags.DEFINE_enum(
 LOSS = flags.DEFINE_enum(
     "loss", "contrastive", ["contrastive", "triplet", "multi_similarity"], "Pair loss."
 )
-MARGIN = flags.DEFINE_float("margin", 0.5, "Margin of the contrastive/triplet loss.")
+# One flag per loss hyper-parameter; each default is the loss function's own.
+_CONTRASTIVE = hyper_parameters(losses.contrastive_loss)
+_TRIPLET = hyper_parameters(losses.triplet_loss)
+_MS = hyper_parameters(losses.multi_similarity_loss)
+CONTRASTIVE_NEG_MARGIN = flags.DEFINE_float(
+    "contrastive_neg_margin",
+    _CONTRASTIVE["neg_margin"],
+    "Contrastive loss: negatives with cosine similarity at or below it cost nothing.",
+)
+TRIPLET_MARGIN = flags.DEFINE_float(
+    "triplet_margin",
+    _TRIPLET["margin"],
+    "Triplet loss: the required similarity gap between positive and negative.",
+)
+TRIPLET_MINING = flags.DEFINE_enum(
+    "triplet_mining",
+    _TRIPLET["mining"],
+    ["hard", "semihard"],
+    "Triplet loss: negative mining.",
+)
+MS_ALPHA = flags.DEFINE_float(
+    "ms_alpha", _MS["alpha"], "Multi-similarity loss: positive scale alpha (> 0)."
+)
+MS_BETA = flags.DEFINE_float(
+    "ms_beta", _MS["beta"], "Multi-similarity loss: negative scale beta (> 0)."
+)
+MS_THRESHOLD = flags.DEFINE_float(
+    "ms_threshold",
+    _MS["threshold"],
+    "Multi-similarity loss: similarity offset lambda.",
+)
+MS_EPSILON = flags.DEFINE_float(
+    "ms_epsilon", _MS["epsilon"], "Multi-similarity loss: mining margin (>= 0)."
+)
+MARGIN = flags.DEFINE_float(
+    "margin",
+    None,
+    "Removed: it meant a different thing for each loss. Use "
+    "--contrastive_neg_margin or --triplet_margin.",
+)
 MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Rows of the memory (M).")
 XBM_WEIGHT = flags.DEFINE_float("xbm_weight", 1.0, "Weight of the memory loss.")
 XBM_START = flags.DEFINE_integer(
@@ -135,9 +177,46 @@ def require(*holders) -> None:
         raise FlagError(f"missing required flag(s): {', '.join(missing)}")
 
 
+def check_finite_floats() -> None:
+    """Raises FlagError for a NaN or infinite value of any float flag."""
+    for name in sorted(set(flags.FLAGS)):
+        flag = flags.FLAGS[name]
+        if isinstance(flag.parser, flags.FloatParser) and flag.value is not None:
+            if not math.isfinite(flag.value):
+                raise FlagError(f"--{name}={flag.value} is not a finite number")
+
+
+def check_positive(*holders) -> None:
+    """Raises FlagError naming the first of `holders` set to a value <= 0."""
+    for holder in holders:
+        if holder.value is not None and holder.value <= 0:
+            raise FlagError(f"--{holder.name}={holder.value} must be positive")
+
+
+def check_loss_flags() -> None:
+    """Checks the loss and memory hyper-parameters for sense."""
+    if MARGIN.value is not None:
+        raise FlagError(
+            f"--margin={MARGIN.value} is ambiguous and no longer read: use "
+            "--contrastive_neg_margin (contrastive) or --triplet_margin (triplet)"
+        )
+    for holder in (CONTRASTIVE_NEG_MARGIN, MS_THRESHOLD):
+        if not -1.0 <= holder.value <= 1.0:
+            raise FlagError(
+                f"--{holder.name}={holder.value} is a cosine similarity threshold: "
+                "it must lie in [-1, 1]"
+            )
+    check_positive(MS_ALPHA, MS_BETA)
+    for holder in (TRIPLET_MARGIN, MS_EPSILON, XBM_WEIGHT):
+        if holder.value < 0:
+            raise FlagError(f"--{holder.name}={holder.value} must be >= 0")
+
+
 def check_data_flags() -> None:
     """Checks the data and evaluation flags, before anything is loaded."""
+    check_finite_floats()
     require(DATASET)
+    check_positive(RESIZE, CROP, CHANNELS, EVAL_BATCH, EVAL_EVERY, MAX_PER_CLASS)
     if CROP.value > RESIZE.value:
         raise FlagError(
             f"--crop_size={CROP.value} is larger than --resize_size={RESIZE.value}"
@@ -294,5 +373,5 @@ def main(argv, run) -> None:
     quiet_tensorflow()
     try:
         run()
-    except (FlagError, data.DatasetLayoutError) as error:
+    except (FlagError, data.DatasetLayoutError, NonFiniteLossError) as error:
         raise SystemExit(f"error: {error}") from None

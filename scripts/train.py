@@ -37,12 +37,17 @@ from xbm_tf.distribute import (  # noqa: E402
 from xbm_tf.export import export_embedding_model  # noqa: E402
 from xbm_tf.optimization import make_optimizer  # noqa: E402
 from xbm_tf.retrieval_callback import RetrievalEvaluation  # noqa: E402
+from xbm_tf.terminate_on_nonfinite import TerminateOnNonFinite  # noqa: E402
 
 
 def check_train_flags() -> None:
     """Checks the training flags that need no data, before anything is loaded."""
     common.require(common.WORKDIR, common.MEMORY_SIZE, common.STEPS)
     common.check_data_flags()
+    common.check_loss_flags()
+    common.check_positive(common.EMBEDDING_DIM, common.LR)
+    if common.XBM_START.value < 0:
+        raise FlagError(f"--xbm_start_step={common.XBM_START.value} must be >= 0")
     batch = common.P.value * common.K.value
     if common.P.value < 2 or common.K.value < 2:
         raise FlagError(
@@ -110,9 +115,18 @@ def build_model() -> XBMContrastiveModel:
         mixed_precision=None if common.MIXED.value == "none" else common.MIXED.value,
     )
     losses = {
-        "contrastive": lambda: ContrastiveLoss(margin=common.MARGIN.value),
-        "triplet": lambda: TripletLoss(margin=common.MARGIN.value),
-        "multi_similarity": MultiSimilarityLoss,
+        "contrastive": lambda: ContrastiveLoss(
+            neg_margin=common.CONTRASTIVE_NEG_MARGIN.value
+        ),
+        "triplet": lambda: TripletLoss(
+            margin=common.TRIPLET_MARGIN.value, mining=common.TRIPLET_MINING.value
+        ),
+        "multi_similarity": lambda: MultiSimilarityLoss(
+            alpha=common.MS_ALPHA.value,
+            beta=common.MS_BETA.value,
+            threshold=common.MS_THRESHOLD.value,
+            epsilon=common.MS_EPSILON.value,
+        ),
     }
     model = XBMContrastiveModel(
         embedder,
@@ -142,8 +156,13 @@ def build_model() -> XBMContrastiveModel:
 
 
 def make_callbacks(evaluation: RetrievalEvaluation, workdir: str) -> list:
-    """Evaluation first, so TensorBoard, the CSV log and checkpoints see its keys."""
+    """Evaluation first, so TensorBoard, the CSV log and checkpoints see its keys.
+
+    TerminateOnNonFinite stops at the first non-finite loss, before any epoch-end
+    callback saves the bad weights.
+    """
     return [
+        TerminateOnNonFinite(),
         evaluation,
         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
         keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=True),

@@ -1,0 +1,197 @@
+"""scripts/train.py: loss flags, flag sanity, and a non-finite loss stopping early."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import train  # noqa: E402
+
+from xbm_tf import ContrastiveLoss, MultiSimilarityLoss, TripletLoss  # noqa: E402
+from xbm_tf.losses import (  # noqa: E402
+    contrastive_loss,
+    multi_similarity_loss,
+    triplet_loss,
+)
+from xbm_tf.losses.base import hyper_parameters  # noqa: E402
+from xbm_tf.terminate_on_nonfinite import (  # noqa: E402
+    NonFiniteLossError,
+    TerminateOnNonFinite,
+)
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """Parses a command line for the scripts, from the repository root."""
+    monkeypatch.chdir(ROOT)
+
+    def _parse(*args):
+        FLAGS.unparse_flags()
+        FLAGS(["script", "--flagfile=configs/smoke.flags", *args])
+
+    yield _parse
+    FLAGS.unparse_flags()
+
+
+def test_loss_flag_defaults_are_the_functions_defaults(parse, tmp_path):
+    parse(f"--workdir={tmp_path}")
+    assert FLAGS.triplet_margin == hyper_parameters(triplet_loss)["margin"] == 0.1
+    assert FLAGS.triplet_mining == "semihard"
+    ms = hyper_parameters(multi_similarity_loss)
+    assert (FLAGS.ms_alpha, FLAGS.ms_beta, FLAGS.ms_threshold, FLAGS.ms_epsilon) == (
+        ms["alpha"],
+        ms["beta"],
+        ms["threshold"],
+        ms["epsilon"],
+    )
+    assert (
+        FLAGS.contrastive_neg_margin == hyper_parameters(contrastive_loss)["neg_margin"]
+    )
+
+
+@pytest.mark.parametrize(
+    "args, kind, expected",
+    [
+        (
+            ["--loss=contrastive", "--contrastive_neg_margin=0.3"],
+            ContrastiveLoss,
+            {"neg_margin": 0.3},
+        ),
+        # The triplet loss gets its own default (0.1), not the contrastive's 0.5.
+        (["--loss=triplet"], TripletLoss, {"margin": 0.1, "mining": "semihard"}),
+        (
+            ["--loss=triplet", "--triplet_margin=0.2", "--triplet_mining=hard"],
+            TripletLoss,
+            {"margin": 0.2, "mining": "hard"},
+        ),
+        (
+            [
+                "--loss=multi_similarity",
+                "--ms_alpha=3",
+                "--ms_beta=50",
+                "--ms_threshold=0.4",
+                "--ms_epsilon=0.2",
+            ],
+            MultiSimilarityLoss,
+            {"alpha": 3.0, "beta": 50.0, "threshold": 0.4, "epsilon": 0.2},
+        ),
+    ],
+)
+def test_each_loss_flag_reaches_its_loss(parse, tmp_path, args, kind, expected):
+    parse(f"--workdir={tmp_path}", *args)
+    train.check_train_flags()
+    model = train.build_model()
+    assert type(model.pair_loss) is kind
+    assert model.pair_loss.hyper_parameters == expected
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--embedding_dim=0"], "--embedding_dim=0 must be positive"),
+        (["--learning_rate=nan"], "--learning_rate=nan is not a finite number"),
+        (["--xbm_weight=inf"], "--xbm_weight=inf is not a finite number"),
+        (["--ms_epsilon=-inf"], "--ms_epsilon=-inf is not a finite number"),
+        (["--eval_batch_size=0"], "--eval_batch_size=0 must be positive"),
+        (["--margin=0.3"], "--margin=0.3 is ambiguous"),
+        (["--contrastive_neg_margin=1.5"], "must lie in \\[-1, 1\\]"),
+        (["--ms_beta=0"], "--ms_beta=0.0 must be positive"),
+        (["--triplet_margin=-0.1"], "--triplet_margin=-0.1 must be >= 0"),
+        (["--xbm_weight=-1"], "--xbm_weight=-1.0 must be >= 0"),
+        (["--xbm_start_step=-1"], "--xbm_start_step=-1 must be >= 0"),
+    ],
+)
+def test_bad_numbers_are_flag_errors(parse, tmp_path, args, message):
+    parse(f"--workdir={tmp_path / 'run'}", *args)
+    with pytest.raises(train.FlagError, match=message):
+        train.run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_terminate_on_nonfinite_names_the_term_and_step():
+    callback = TerminateOnNonFinite()
+    callback.set_params({"steps": 3})
+    callback.on_epoch_begin(2)
+    callback.on_train_batch_end(0, {"loss": 1.0, "batch_loss": 1.0, "xbm_loss": 0.0})
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"memory loss \(xbm_loss\) became nan at training step 8 "
+        r"\(epoch 3, step 2 of 3\)",
+    ):
+        callback.on_train_batch_end(
+            1, {"loss": np.nan, "batch_loss": 1.0, "xbm_loss": np.nan}
+        )
+    with pytest.raises(NonFiniteLossError, match=r"in-batch loss \(batch_loss\)"):
+        callback.on_train_batch_end(1, {"batch_loss": np.inf, "xbm_loss": np.nan})
+    with pytest.raises(NonFiniteLossError, match="total loss"):
+        callback.on_train_batch_end(1, {"loss": np.inf, "batch_loss": 1.0})
+
+
+class _PoisonMemory(keras.callbacks.Callback):
+    """Fills the memory with NaN after the first step of the second epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 1 and batch == 0:
+            memory = self.model.memory
+            memory.embeddings.assign(np.full(memory.embeddings.shape, np.nan))
+
+
+def _all_finite(path) -> bool:
+    arrays = []
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda _, node: (
+                arrays.append(np.asarray(node))
+                if isinstance(node, h5py.Dataset)
+                else None
+            )
+        )
+    floats = [a for a in arrays if a.dtype.kind == "f"]
+    return bool(floats) and all(np.all(np.isfinite(a)) for a in floats)
+
+
+def test_nonfinite_memory_loss_stops_at_once_and_keeps_the_backup(
+    parse, tmp_path, monkeypatch
+):
+    workdir = tmp_path / "run"
+    parse(f"--workdir={workdir}", "--steps=9")  # 3 epochs of 3 steps
+    monkeypatch.setattr(
+        train, "make_callbacks", _with_extra(train.make_callbacks, _PoisonMemory())
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["train"])
+    message = str(exit_info.value)
+    assert message.startswith("error: the memory loss (xbm_loss) became nan")
+    assert "at training step 5 (epoch 2, step 2 of 3)" in message
+    assert not (workdir / "export").exists()
+    # The backup of epoch 1 (3 good steps) is kept, with finite weights.
+    meta = json.load(open(workdir / "backup" / "training_metadata.json"))
+    assert meta["epoch"] == 1
+    assert _all_finite(workdir / "backup" / "latest.weights.h5")
+    assert (workdir / "checkpoints" / "last.keras").exists()
+
+
+def _with_extra(make_callbacks, extra):
+    def wrapped(*args, **kwargs):
+        return make_callbacks(*args, **kwargs) + [extra]
+
+    return wrapped
