@@ -153,18 +153,123 @@ def test_contrastive_closed_form():
 
 
 def test_self_pair_excluded_by_index_not_similarity():
-    # Two identical embeddings of one class: the pair to the *other* copy counts
-    # (similarity 1 -> cost 0), while each query's own copy is excluded.
-    e = _unit([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    labels = np.array([5, 5, 5])
-    got = np.asarray(
-        contrastive_loss(e, labels, e, labels, query_key_index=np.arange(3))
+    # One query (label 1) against four keys, as in a memory: its own copy, drifted
+    # (s = 0.8, excluded by index); an exact duplicate of another class (s = 1, a
+    # hard negative that a similarity threshold would wrongly drop); an exact
+    # duplicate of its class (s = 1); and a positive at s = 0.
+    q = _unit([[1.0, 0.0]])
+    keys = _unit([[0.8, 0.6], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    key_labels = np.array([1, 2, 1, 1])
+    args = (q, np.array([1]), keys, key_labels)
+    own = np.array([0])
+    got = float(contrastive_loss(*args, query_key_index=own, neg_margin=0.5)[0])
+    # Index exclusion: 0 (own) + 1 (duplicate negative) + 0 + (1 - 0) = 2.0.
+    # No exclusion would give 2.2 (the own copy costs 1 - 0.8); the reference
+    # code's threshold (drop s > 1 - 1e-5) 1.2 (keeps the drifted copy, drops both
+    # duplicates).
+    assert got == pytest.approx(2.0, abs=1e-6)
+    hard = float(triplet_loss(*args, query_key_index=own, margin=0.1, mining="hard")[0])
+    # Hardest positive s = 0, hardest negative the duplicate, s = 1: 1.1. Under a
+    # threshold the query would have no negative left and cost 0.
+    assert hard == pytest.approx(1.1, abs=1e-6)
+    # Without an index the own copy is an ordinary positive.
+    assert float(contrastive_loss(*args, neg_margin=0.5)[0]) == pytest.approx(
+        2.2, abs=1e-6
     )
-    np.testing.assert_allclose(got, [1.0, 1.0, 2.0], atol=1e-6)
-    # Without self-exclusion the self pair adds 1 - 1 = 0 but the mask must not
-    # hide the duplicate: the same numbers.
-    got_all = np.asarray(contrastive_loss(e, labels, e, labels))
-    np.testing.assert_allclose(got_all, [1.0, 1.0, 2.0], atol=1e-6)
+
+
+def _edge_problems(seed):
+    """Two (query, key) problems that reach every edge case of the losses.
+
+    A: tight clusters of classes 0-2 among the keys, queries of classes 0-3
+    (class 3 has no positive; many queries are so close to their class that the
+    multi-similarity mining keeps no negative). B: every valid key is of class 0,
+    so class-0 queries have no negative and class-1 queries no positive.
+    """
+    rng = np.random.default_rng(seed)
+    centers = _unit(rng.normal(size=(4, 5)))
+    ql = rng.integers(0, 4, 12)
+    kl = rng.integers(0, 3, 30)
+    q = _unit(centers[ql] + 0.15 * rng.normal(size=(12, 5)))
+    k = _unit(centers[kl] + 0.15 * rng.normal(size=(30, 5)))
+    mask = rng.random(30) > 0.2
+    own = np.full(12, -1, np.int32)
+    own[:6] = rng.permutation(30)[:6]
+    kl_b = np.where(mask, 0, rng.integers(0, 2, 30))  # masked keys may be class 1
+    ql_b = rng.integers(0, 2, 12)
+    return [(q, ql, k, kl, mask, own), (q, ql_b, k, kl_b, mask, own)]
+
+
+def _edge_cases(q, ql, k, kl, mask, own, eps=0.1):
+    """The set of edge cases the queries of a problem reach (by a plain loop)."""
+    cases = set()
+    for i in range(len(q)):
+        pos, neg = _pairs(i, ql, kl, mask, own)
+        if not pos:
+            cases.add("no positive")
+        if not neg:
+            cases.add("no negative")
+        if pos and neg:
+            sp = [float(q[i] @ k[j]) for j in pos]
+            sn = [float(q[i] @ k[j]) for j in neg]
+            if not any(s + eps > min(sp) for s in sn):
+                cases.add("mining keeps no negative")
+            elif not any(s - eps < max(sn) for s in sp):
+                cases.add("mining keeps no positive")
+            else:
+                cases.add("mined both")
+    return cases
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_loops_on_queries_without_positives_negatives_or_mined_pairs(seed):
+    reached = set()
+    for q, ql, k, kl, mask, own in [*_edge_problems(seed), _random_problem(seed)]:
+        reached |= _edge_cases(q, ql, k, kl, mask, own)
+        kw = dict(key_mask=mask, query_key_index=own)
+        np.testing.assert_allclose(
+            contrastive_loss(q, ql, k, kl, neg_margin=0.3, **kw),
+            reference_contrastive(q, ql, k, kl, mask, own, 0.3),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        for mining in ("hard", "semihard"):
+            np.testing.assert_allclose(
+                triplet_loss(q, ql, k, kl, margin=0.2, mining=mining, **kw),
+                reference_triplet(q, ql, k, kl, mask, own, 0.2, mining),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+        np.testing.assert_allclose(
+            multi_similarity_loss(q, ql, k, kl, **kw),
+            reference_multi_similarity(q, ql, k, kl, mask, own, 2.0, 40.0, 0.5, 0.1),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    assert {
+        "no positive",
+        "no negative",
+        "mining keeps no negative",
+        "mined both",
+    } <= reached, reached
+
+
+def test_multi_similarity_mining_that_empties_one_side_costs_zero():
+    # Positives at s = 0.9 and 0.8, negatives at s = 0.2 and 0.75. With epsilon
+    # 0.02 no negative has s + epsilon > min(s_pos) = 0.8: mining keeps none and
+    # the query costs 0 (its positive term alone would be 0.25). With epsilon 0.1
+    # the 0.75 negative is kept, and the positive 0.8 (0.8 - 0.1 < 0.75).
+    q = _unit([[1.0, 0.0]])
+    sims = np.array([0.9, 0.8, 0.2, 0.75])
+    keys = np.stack([sims, np.sqrt(1 - sims**2)], axis=1).astype(np.float32)
+    args = (q, np.array([0]), keys, np.array([0, 0, 1, 1]))
+    assert float(multi_similarity_loss(*args, epsilon=0.02)[0]) == 0.0
+    kept = float(multi_similarity_loss(*args, epsilon=0.1)[0])
+    want = (
+        math.log(1 + math.exp(-2 * (0.8 - 0.5))) / 2
+        + math.log(1 + math.exp(40 * (0.75 - 0.5))) / 40
+    )
+    assert kept == pytest.approx(want, rel=1e-5)
 
 
 def test_key_mask_removes_keys_and_any_label_works():
