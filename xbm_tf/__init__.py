@@ -9,6 +9,7 @@ from xbm_tf.memory import CrossBatchMemory
 from xbm_tf.model import XBMContrastiveModel
 from xbm_tf.optimization import make_optimizer
 from xbm_tf.retrieval_callback import RetrievalEvaluation
+from xbm_tf.terminate_on_nonfinite import TerminateOnNonFinite
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "CrossBatchMemory",
     "MultiSimilarityLoss",
     "RetrievalEvaluation",
+    "TerminateOnNonFinite",
     "TripletLoss",
     "XBMContrastiveModel",
     "__version__",
