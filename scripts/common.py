@@ -115,6 +115,13 @@ XBM_WEIGHT = flags.DEFINE_float("xbm_weight", 1.0, "Weight of the memory loss.")
 XBM_START = flags.DEFINE_integer(
     "xbm_start_step", 1000, "Optimizer step from which the memory is used."
 )
+MEMORY_DTYPE = flags.DEFINE_enum(
+    "memory_dtype",
+    "float32",
+    ["float32", "bfloat16", "float16"],
+    "Storage and matmul dtype of the memory's embeddings (half precision halves "
+    "its bytes; the losses stay float32).",
+)
 # Optimisation.
 OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer.")
 LR = flags.DEFINE_float("learning_rate", 1e-4, "Initial learning rate.")

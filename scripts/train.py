@@ -133,6 +133,7 @@ def build_model() -> XBMContrastiveModel:
         memory_size=common.MEMORY_SIZE.value,
         xbm_weight=common.XBM_WEIGHT.value,
         xbm_start_step=common.XBM_START.value,
+        memory_dtype=common.MEMORY_DTYPE.value,
         loss=losses[common.LOSS.value](),
     )
     optimizer = make_optimizer(

@@ -6,13 +6,16 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+MEMORY_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @keras.saving.register_keras_serializable(package="xbm_tf")
 class CrossBatchMemory(keras.layers.Layer):
     """A FIFO memory of the last `memory_size` embeddings and labels.
 
     The state is four non-trainable weights of fixed shape, saved with the model:
-    `embeddings` `(M, D)` float32, `labels` `(M,)` int64, `count` (how many rows are
+    `embeddings` `(M, D)` in `memory_dtype` (float32 by default; bfloat16 or float16
+    halve its bytes), `labels` `(M,)` int64, `count` (how many rows are
     valid, at most M) and `pointer` (the next row to write). `enqueue` writes a batch
     of B rows at `(pointer + arange(B)) % M` with an in-place scatter, so the memory
     is a true ring: after any sequence of enqueues, the valid rows are exactly the
@@ -27,6 +30,9 @@ class CrossBatchMemory(keras.layers.Layer):
     Args:
         memory_size: M, the number of rows.
         embedding_dim: D, the width of an embedding.
+        memory_dtype: the dtype the embeddings are stored in: `"float32"`,
+            `"bfloat16"` or `"float16"`. Enqueued rows are rounded to it; `read()`
+            returns them in it.
 
     Example:
     >>> memory = CrossBatchMemory(memory_size=1024, embedding_dim=128)
@@ -37,19 +43,30 @@ class CrossBatchMemory(keras.layers.Layer):
         Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020.
     """
 
-    def __init__(self, memory_size: int, embedding_dim: int, **kwargs):
+    def __init__(
+        self,
+        memory_size: int,
+        embedding_dim: int,
+        memory_dtype: str = "float32",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if int(memory_size) < 1:
             raise ValueError(f"memory_size must be positive, got {memory_size}")
         if int(embedding_dim) < 1:
             raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+        if memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(
+                f"memory_dtype must be one of {MEMORY_DTYPES}, got {memory_dtype!r}"
+            )
         self.memory_size = int(memory_size)
         self.embedding_dim = int(embedding_dim)
+        self.memory_dtype = memory_dtype
         state = dict(trainable=False, aggregation="only_first_replica")
         self.embeddings = self.add_weight(
             shape=(self.memory_size, self.embedding_dim),
             initializer="zeros",
-            dtype="float32",
+            dtype=memory_dtype,
             name="embeddings",
             **state,
         )
@@ -101,7 +118,7 @@ class CrossBatchMemory(keras.layers.Layer):
                 f"Embeddings of width {embeddings.shape[-1]} do not fit a memory of "
                 f"width {self.embedding_dim}"
             )
-        embeddings = ops.stop_gradient(ops.cast(embeddings, "float32"))
+        embeddings = ops.stop_gradient(ops.cast(embeddings, self.memory_dtype))
         labels = ops.cast(ops.reshape(labels, (-1,)), "int64")
         pointer = ops.convert_to_tensor(self.pointer)
         rows = (pointer + ops.arange(batch_size, dtype="int32")) % self.memory_size
@@ -121,7 +138,7 @@ class CrossBatchMemory(keras.layers.Layer):
         return rows
 
     def read(self):
-        """Returns `(embeddings (M, D), labels (M,), valid (M,) bool)`."""
+        """Returns `(embeddings (M, D) in memory_dtype, labels (M,), valid (M,))`."""
         valid = ops.less(ops.arange(self.memory_size, dtype="int32"), self.count)
         return (
             ops.convert_to_tensor(self.embeddings),
@@ -148,6 +165,7 @@ class CrossBatchMemory(keras.layers.Layer):
             **super().get_config(),
             "memory_size": self.memory_size,
             "embedding_dim": self.embedding_dim,
+            "memory_dtype": self.memory_dtype,
         }
 
 

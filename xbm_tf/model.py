@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
 from keras import ops
 
 from xbm_tf.losses import ContrastiveLoss, PairLoss
+from xbm_tf.losses.fused import memory_pair_loss
 from xbm_tf.losses.pairs import check_labels
 from xbm_tf.memory import CrossBatchMemory
 
@@ -55,6 +58,15 @@ class XBMContrastiveModel(keras.Model):
         loss: a `xbm_tf.losses.PairLoss`; default `ContrastiveLoss(margin=0.5)`.
         embedding_dim: D, needed only if `embedding_model` has no static output
             shape.
+        memory_dtype: the dtype the memory stores its embeddings in:
+            `"float32"`, `"bfloat16"` or `"float16"` (half the bytes). The
+            batch-vs-memory matmuls of a `ContrastiveLoss` run in it
+            (`xbm_tf.losses.fused_contrastive_loss`); other losses read the memory
+            cast to float32.
+
+    During warm-up (`optimizer.iterations < xbm_start_step`) `fit` runs a second
+    compiled train function without the memory (no enqueue, no memory matmul);
+    see `make_train_function`.
 
     Example:
     >>> model = XBMContrastiveModel(backbone, memory_size=8192, xbm_start_step=1000)
@@ -74,6 +86,7 @@ class XBMContrastiveModel(keras.Model):
         xbm_start_step: int = 0,
         loss: PairLoss | None = None,
         embedding_dim: int | None = None,
+        memory_dtype: str = "float32",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -97,8 +110,12 @@ class XBMContrastiveModel(keras.Model):
         self.xbm_start_step = int(xbm_start_step)
         self.pair_loss = loss if loss is not None else ContrastiveLoss(margin=0.5)
         self.memory = CrossBatchMemory(
-            self.memory_size, self.embedding_dim, name="cross_batch_memory"
+            self.memory_size,
+            self.embedding_dim,
+            memory_dtype=memory_dtype,
+            name="cross_batch_memory",
         )
+        self.memory_dtype = memory_dtype
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.batch_loss_tracker = keras.metrics.Mean(name="batch_loss")
         self.xbm_loss_tracker = keras.metrics.Mean(name="xbm_loss")
@@ -166,7 +183,7 @@ class XBMContrastiveModel(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.batch_loss_tracker, self.xbm_loss_tracker]
 
-    def compute_losses(self, embeddings, labels, training_step):
+    def compute_losses(self, embeddings, labels, training_step, use_memory=True):
         """The in-batch and memory losses of one (local) batch, with the enqueue.
 
         The queries are this replica's rows; the keys are the global batch (all
@@ -176,6 +193,8 @@ class XBMContrastiveModel(keras.Model):
             embeddings: `(B, D)` L2-normalised embeddings of this replica's batch.
             labels: `(B,)` integer labels (any integer dtype but uint64).
             training_step: the optimizer's applied updates, to gate the memory.
+            use_memory: False leaves the memory out of the step entirely (no
+                enqueue, no memory loss; the xbm loss is 0): the warm-up step.
 
         Returns:
             `(batch_loss, xbm_loss)`, each a sum over local queries divided by the
@@ -200,6 +219,8 @@ class XBMContrastiveModel(keras.Model):
             embeddings, labels, all_embeddings, all_labels, query_key_index=own
         )
         batch_loss = ops.sum(batch_losses) / global_batch
+        if not use_memory:
+            return batch_loss, ops.zeros_like(batch_loss)
 
         # No tf.cond for the warm-up: under XLA a conditional around the memory
         # copies the whole (M, D) buffer and slows the step 2x (see
@@ -208,7 +229,8 @@ class XBMContrastiveModel(keras.Model):
         active = ops.greater_equal(training_step, self.xbm_start_step)
         rows = self.memory.enqueue(all_embeddings, all_labels, active=active)
         keys, key_labels, valid = self.memory.read()
-        losses = self.pair_loss.pair_loss(
+        losses = memory_pair_loss(
+            self.pair_loss,
             embeddings,
             labels,
             keys,
@@ -219,12 +241,14 @@ class XBMContrastiveModel(keras.Model):
         xbm_loss = ops.where(active, ops.sum(losses) / global_batch, 0.0)
         return batch_loss, xbm_loss
 
-    def train_step(self, data):
+    def train_step(self, data, use_memory=True):
         images, labels = _unpack(data)
         step = ops.convert_to_tensor(self.optimizer.iterations)
         with tf.GradientTape() as tape:
             embeddings = self(images, training=True)
-            batch_loss, xbm_loss = self.compute_losses(embeddings, labels, step)
+            batch_loss, xbm_loss = self.compute_losses(
+                embeddings, labels, step, use_memory=use_memory
+            )
             loss = batch_loss + self.xbm_weight * xbm_loss
             # Layers' own losses (e.g. kernel regularizers), shared by the replicas.
             if self.losses:
@@ -234,6 +258,38 @@ class XBMContrastiveModel(keras.Model):
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
         return self._report(loss, batch_loss, xbm_loss)
+
+    def make_train_function(self, force=False):
+        """Two compiled train functions, switched at `xbm_start_step`.
+
+        The warm-up function (`train_step(data, use_memory=False)`) has no
+        enqueue and no memory matmul; the other is the full step, whose enqueue
+        and memory loss are still gated by the optimizer step, so a call that
+        spans the boundary (`steps_per_execution > 1`) stays exact. Each call
+        reads `optimizer.iterations`, so the choice is right after a restore from
+        a checkpoint or backup, and under a `tf.distribute` strategy (Keras wraps
+        both functions in `strategy.run`). No `tf.cond` is involved: under XLA a
+        conditional around the memory copies the whole buffer.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=True)
+        if self.xbm_start_step <= 0 or not hasattr(self, "_make_function"):
+            return self.train_function
+        with_memory = self.train_function
+        warm_up = self._make_function(
+            functools.partial(self.train_step, use_memory=False)
+        )
+
+        def train_function(iterator):
+            steps = int(self.steps_per_execution or 1)
+            step = int(self.optimizer.iterations.numpy())
+            if step + steps <= self.xbm_start_step:
+                return warm_up(iterator)
+            return with_memory(iterator)
+
+        self.train_function = train_function
+        return self.train_function
 
     def test_step(self, data):
         images, labels = _unpack(data)
@@ -271,6 +327,7 @@ class XBMContrastiveModel(keras.Model):
             "xbm_start_step": self.xbm_start_step,
             "loss": keras.saving.serialize_keras_object(self.pair_loss),
             "embedding_dim": self.embedding_dim,
+            "memory_dtype": self.memory_dtype,
         }
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from xbm_tf.losses.base import PairLoss
 from xbm_tf.losses.contrastive import ContrastiveLoss, contrastive_loss
+from xbm_tf.losses.fused import fused_contrastive_loss
 from xbm_tf.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 from xbm_tf.losses.triplet import TripletLoss, triplet_loss
 
@@ -11,6 +12,7 @@ __all__ = [
     "PairLoss",
     "TripletLoss",
     "contrastive_loss",
+    "fused_contrastive_loss",
     "multi_similarity_loss",
     "triplet_loss",
 ]

@@ -1,0 +1,157 @@
+"""fused_contrastive_loss: the values and query gradients of contrastive_loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from xbm_tf.losses import (
+    ContrastiveLoss,
+    TripletLoss,
+    contrastive_loss,
+    fused_contrastive_loss,
+    triplet_loss,
+)
+from xbm_tf.losses.fused import memory_pair_loss
+
+BF16_EPS = 2.0**-8  # bfloat16 keeps 8 significant bits: rounding error <= 2^-9
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _problem(seed, b=10, m=40, d=8, classes=3):
+    """Random unit queries and keys; labels include 0; some keys masked; some
+    queries have their own copy among the keys (-1: none)."""
+    rng = np.random.default_rng(seed)
+    q = _unit(rng.normal(size=(b, d)))
+    k = _unit(rng.normal(size=(m, d)))
+    own = rng.permutation(m)[:b].astype(np.int32)
+    k[own] = q  # a query's own copy: similarity 1
+    own[::3] = -1
+    ql = rng.integers(0, classes, b).astype(np.int32)
+    kl = rng.integers(0, classes, m).astype(np.int32)
+    mask = rng.random(m) > 0.25
+    return q, ql, k, kl, mask, own
+
+
+def _loss_and_grad(fn, q, ql, k, kl, mask, own, weights, margin=0.3, jit=False):
+    def run(q):
+        with tf.GradientTape() as tape:
+            tape.watch(q)
+            losses = fn(q, ql, k, kl, key_mask=mask, query_key_index=own, margin=margin)
+            total = tf.reduce_sum(losses * weights)
+        return losses, tape.gradient(total, q)
+
+    if jit:
+        run = tf.function(run, jit_compile=True)
+    losses, grad = run(tf.constant(q))
+    return np.asarray(losses), np.asarray(grad)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_equals_contrastive_loss_values_and_gradients(seed, jit):
+    q, ql, k, kl, mask, own = _problem(seed)
+    weights = np.linspace(0.5, 2.0, len(q)).astype(np.float32)  # upstream grads
+    args = (q, ql, k, kl, mask, own, weights)
+    want_l, want_g = _loss_and_grad(contrastive_loss, *args)
+    got_l, got_g = _loss_and_grad(fused_contrastive_loss, *args, jit=jit)
+    assert np.all(want_l > 0)
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-6)
+
+
+def test_hand_derived_gradient_of_a_tiny_case():
+    # One query e_x; keys: its own copy (excluded), a positive, a hard negative
+    # (s = 0.8 > margin), an easy negative (s = 0.1), a masked positive.
+    q = np.array([[1.0, 0.0]], np.float32)
+    k = _unit([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.1, 0.99498744], [0.0, 1.0]])
+    kl = np.array([7, 7, 0, 0, 7])
+    losses, grad = _loss_and_grad(
+        fused_contrastive_loss,
+        q,
+        np.array([7]),
+        k,
+        kl,
+        np.array([True, True, True, True, False]),
+        np.array([0]),
+        np.array([3.0], np.float32),
+        margin=0.5,
+    )
+    # L = (1 - q.k1) + q.k2 = (1 - 0.6) + 0.8; dL/dq = -k1 + k2.
+    np.testing.assert_allclose(losses, [1.2], rtol=1e-6)
+    np.testing.assert_allclose(grad, 3.0 * (k[2:3] - k[1:2]), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_keys_match_float32_within_rounding(dtype):
+    q, ql, k, kl, mask, own = _problem(3, b=16, m=200, d=16)
+    margin = 0.3
+    weights = np.ones(len(q), np.float32)
+    # Keep every similarity away from the margin, so that rounding flips no
+    # hard-negative decision and the comparison is about rounding alone.
+    sim = q @ k.T
+    near = np.abs(sim - margin) < 0.02
+    mask = mask & ~near.any(axis=0)
+    want_l, want_g = _loss_and_grad(
+        contrastive_loss, q, ql, k, kl, mask, own, weights, margin
+    )
+    k_half = tf.cast(k, dtype)
+    got_l, got_g = _loss_and_grad(
+        fused_contrastive_loss, q, ql, k_half, kl, mask, own, weights, margin
+    )
+    # Every term of the sums carries q and k rounded (each <= 2^-9 relative, so
+    # |ds| <= 2 * 2^-9 for unit vectors) and s rounded once more (2^-9):
+    # |dL_i| <= 3 * 2^-9 * (terms of query i) < 2^-7 * terms.
+    plain = tf.cast(k_half, "float32").numpy()
+    _, coef = _dense_coefficients(q, ql, plain, kl, mask, own, margin)
+    terms = np.abs(coef).sum(axis=1)
+    assert np.all(np.abs(got_l - want_l) <= 2.0**-7 * terms + 1e-6)
+    # Gradient: sum_j c_ij k_j with k_j rounded (2^-9 relative per component)
+    # and the result rounded once (2^-9): bounded by 2^-8 * sum_j |c_ij k_jd|.
+    bound = BF16_EPS * (np.abs(coef) @ np.abs(k)) + BF16_EPS * np.abs(want_g)
+    assert np.all(np.abs(got_g - want_g) <= bound + 1e-6)
+    assert np.abs(got_g - want_g).max() > 0  # the rounding is really there
+
+
+def _dense_coefficients(q, ql, k, kl, mask, own, margin):
+    """dL/ds by a plain loop: -1 positive, +1 hard negative, 0 elsewhere."""
+    sim = q @ k.T
+    coef = np.zeros_like(sim)
+    for i in range(len(q)):
+        for j in range(len(k)):
+            if not mask[j] or j == own[i]:
+                continue
+            if ql[i] == kl[j]:
+                coef[i, j] = -1.0
+            elif sim[i, j] > margin:
+                coef[i, j] = 1.0
+    return sim, coef
+
+
+def test_keys_are_constants_and_bad_dtype_is_named():
+    q, ql, k, kl, mask, own = _problem(4)
+    keys = tf.Variable(k)
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(fused_contrastive_loss(q, ql, keys, kl, mask, own))
+    assert tape.gradient(total, keys) is None
+    with pytest.raises(ValueError, match="key_embeddings must be one of"):
+        fused_contrastive_loss(q, ql, tf.cast(k, "float64"), kl)
+
+
+def test_memory_pair_loss_routes_contrastive_to_the_fused_loss():
+    q, ql, k, kl, mask, own = _problem(5)
+    k_half = tf.cast(k, "bfloat16")
+    got = memory_pair_loss(ContrastiveLoss(margin=0.2), q, ql, k_half, kl, mask, own)
+    want = fused_contrastive_loss(q, ql, k_half, kl, mask, own, margin=0.2)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Other losses read the memory cast to float32: exactly their own function.
+    triplet = TripletLoss(margin=0.2, mining="hard")
+    got = memory_pair_loss(triplet, q, ql, k_half, kl, mask, own)
+    plain = tf.cast(k_half, "float32")
+    want = triplet_loss(q, ql, plain, kl, mask, own, margin=0.2, mining="hard")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -1,0 +1,172 @@
+"""The contrastive loss against constant keys, with a hand-written gradient.
+
+`contrastive_loss` builds its result from a chain of elementwise operations over
+the `(B, M)` pairs (label comparison, masks, selects, a sum), and its automatic
+gradient runs a similar chain backwards. Without XLA every one of them is a
+separate pass over `B x M` values, and against a large memory these passes cost
+about as much as the two matmuls. `fused_contrastive_loss` gives the same values
+and the same query gradients with:
+
+- forward: one matmul `q @ k.T` in the keys' dtype (float32, bfloat16 or
+  float16) and one fused masked pass (always compiled with XLA) that produces the
+  per-query losses in float32 and the `(B, M)` matrix `dL/ds`, which is -1 on
+  positives, +1 on hard negatives and 0 elsewhere;
+- backward: one matmul of that matrix with the keys, in the keys' dtype, scaled
+  by the upstream gradient per query.
+
+The keys are constants (no gradient flows to them): this is the loss of a batch
+against a `CrossBatchMemory`, whose rows are stop-gradient copies.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from xbm_tf.losses.base import PairLoss
+from xbm_tf.losses.contrastive import ContrastiveLoss
+
+MATMUL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _masked_pass(sim, query_labels, key_labels, key_mask, own, margin):
+    """Per-query losses and `dL/ds` from similarities, in one fused XLA pass.
+
+    Args:
+        sim: `(B, M)` similarities, any float dtype.
+        query_labels, key_labels: int32 `(B,)` and `(M,)`.
+        key_mask: bool `(M,)`.
+        own: int32 `(B,)`, the key index of each query's own copy (-1: none).
+        margin: float32 scalar.
+
+    Returns:
+        `(losses (B,) float32, coefficients (B, M) in sim's dtype)`.
+    """
+    s = tf.cast(sim, tf.float32)
+    key_ids = tf.range(tf.shape(key_labels)[0], dtype=tf.int32)
+    valid = tf.logical_and(
+        key_mask[tf.newaxis, :], tf.not_equal(own[:, tf.newaxis], key_ids)
+    )
+    same = tf.equal(query_labels[:, tf.newaxis], key_labels[tf.newaxis, :])
+    positive = tf.logical_and(same, valid)
+    hard = tf.logical_and(
+        tf.logical_and(tf.logical_not(same), valid), tf.greater(s, margin)
+    )
+    zero = tf.zeros_like(s)
+    cost = tf.where(positive, 1.0 - s, tf.where(hard, s, zero))
+    coefficients = tf.where(positive, -1.0, tf.where(hard, 1.0, zero))
+    return tf.reduce_sum(cost, axis=1), tf.cast(coefficients, sim.dtype)
+
+
+def fused_contrastive_loss(
+    query_embeddings,
+    query_labels,
+    key_embeddings,
+    key_labels,
+    key_mask=None,
+    query_key_index=None,
+    margin: float = 0.5,
+):
+    """`contrastive_loss` against constant keys, with a hand-written gradient.
+
+    The values equal `contrastive_loss` (same pairs, same per-query sums, float32
+    results); the gradient with respect to the queries equals its automatic
+    gradient. The similarity matmul and the gradient matmul run in the dtype of
+    `key_embeddings` (the queries are cast to it), so a bfloat16 or float16
+    memory is read as stored, never copied to float32.
+
+    Args:
+        query_embeddings: `(B, D)` L2-normalised embeddings (float32).
+        query_labels: `(B,)` integer labels.
+        key_embeddings: `(M, D)` L2-normalised embeddings, float32, bfloat16 or
+            float16; treated as constants (their gradient is None).
+        key_labels: `(M,)` integer labels.
+        key_mask: optional boolean `(M,)`, False for keys that must be ignored.
+        query_key_index: optional integer `(B,)`, the index of each query's own copy
+            among the keys (excluded); negative for none.
+        margin: negatives at or below this similarity cost nothing.
+
+    Returns:
+        The per-query losses, float32 of shape `(B,)`.
+
+    Example:
+    >>> keys, key_labels, valid = memory.read()
+    >>> losses = fused_contrastive_loss(q, y, keys, key_labels, key_mask=valid)
+    """
+    keys = tf.stop_gradient(tf.convert_to_tensor(key_embeddings))
+    if keys.dtype.name not in MATMUL_DTYPES:
+        raise ValueError(
+            f"key_embeddings must be one of {MATMUL_DTYPES}, got {keys.dtype.name}"
+        )
+    queries = tf.cast(query_embeddings, tf.float32)
+    query_labels = tf.cast(tf.reshape(query_labels, (-1,)), tf.int32)
+    key_labels = tf.cast(tf.reshape(key_labels, (-1,)), tf.int32)
+    num_keys = tf.shape(key_labels)[0]
+    if key_mask is None:
+        key_mask = tf.ones((num_keys,), tf.bool)
+    key_mask = tf.cast(tf.reshape(key_mask, (-1,)), tf.bool)
+    if query_key_index is None:
+        query_key_index = -tf.ones_like(query_labels)
+    own = tf.cast(tf.reshape(query_key_index, (-1,)), tf.int32)
+    margin = tf.cast(margin, tf.float32)
+
+    @tf.custom_gradient
+    def loss(queries):
+        sim = tf.matmul(tf.cast(queries, keys.dtype), keys, transpose_b=True)
+        losses, coefficients = _masked_pass(
+            sim, query_labels, key_labels, key_mask, own, margin
+        )
+
+        def gradient(upstream):
+            # d(sum_i g_i L_i)/dq_i = g_i * sum_j c_ij k_j: one (B, M) x (M, D)
+            # matmul in the keys' dtype, scaled per query in float32.
+            grad = tf.cast(tf.matmul(coefficients, keys), tf.float32)
+            return grad * tf.cast(upstream, tf.float32)[:, tf.newaxis]
+
+        return losses, gradient
+
+    return loss(queries)
+
+
+def memory_pair_loss(
+    pair_loss: PairLoss,
+    query_embeddings,
+    query_labels,
+    key_embeddings,
+    key_labels,
+    key_mask=None,
+    query_key_index=None,
+):
+    """Per-query losses of queries against constant keys (a memory).
+
+    A `ContrastiveLoss` runs as `fused_contrastive_loss` (the matmuls in the keys'
+    dtype). Every other loss runs its own function, whose `similarity_matrix`
+    casts the keys to float32: correct, but it copies a half-precision memory to
+    float32 on every call and keeps the unfused elementwise passes.
+
+    Args:
+        pair_loss: the `PairLoss` of the model.
+        query_embeddings, query_labels, key_embeddings, key_labels, key_mask,
+            query_key_index: as in `contrastive_loss`.
+
+    Returns:
+        The per-query losses, float32 of shape `(B,)`.
+    """
+    if type(pair_loss) is ContrastiveLoss:
+        return fused_contrastive_loss(
+            query_embeddings,
+            query_labels,
+            key_embeddings,
+            key_labels,
+            key_mask=key_mask,
+            query_key_index=query_key_index,
+            margin=pair_loss.margin,
+        )
+    return pair_loss.pair_loss(
+        query_embeddings,
+        query_labels,
+        tf.stop_gradient(key_embeddings),
+        key_labels,
+        key_mask=key_mask,
+        query_key_index=query_key_index,
+    )
