@@ -55,7 +55,7 @@ class XBMContrastiveModel(keras.Model):
         xbm_start_step: the number of applied optimizer updates
             (`optimizer.iterations`) after which the memory is used (the paper
             waits ~1,000 iterations while features still drift fast).
-        loss: a `xbm_tf.losses.PairLoss`; default `ContrastiveLoss(margin=0.5)`.
+        loss: a `xbm_tf.losses.PairLoss`; default `ContrastiveLoss(neg_margin=0.5)`.
         embedding_dim: D, needed only if `embedding_model` has no static output
             shape.
         memory_dtype: the dtype the memory stores its embeddings in:
@@ -108,7 +108,7 @@ class XBMContrastiveModel(keras.Model):
         self.embedding_dim = int(embedding_dim)
         self.xbm_weight = float(xbm_weight)
         self.xbm_start_step = int(xbm_start_step)
-        self.pair_loss = loss if loss is not None else ContrastiveLoss(margin=0.5)
+        self.pair_loss = loss if loss is not None else ContrastiveLoss(neg_margin=0.5)
         self.memory = CrossBatchMemory(
             self.memory_size,
             self.embedding_dim,

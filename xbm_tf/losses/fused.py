@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from xbm_tf.losses.base import PairLoss
 from xbm_tf.losses.contrastive import ContrastiveLoss
+from xbm_tf.losses.pairs import check_labels
 
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,7 +35,7 @@ def _masked_pass(sim, query_labels, key_labels, key_mask, own, margin):
 
     Args:
         sim: `(B, M)` similarities, any float dtype.
-        query_labels, key_labels: int32 `(B,)` and `(M,)`.
+        query_labels, key_labels: int64 `(B,)` and `(M,)`.
         key_mask: bool `(M,)`.
         own: int32 `(B,)`, the key index of each query's own copy (-1: none).
         margin: float32 scalar.
@@ -65,7 +66,7 @@ def fused_contrastive_loss(
     key_labels,
     key_mask=None,
     query_key_index=None,
-    margin: float = 0.5,
+    neg_margin: float = 0.5,
 ):
     """`contrastive_loss` against constant keys, with a hand-written gradient.
 
@@ -84,7 +85,7 @@ def fused_contrastive_loss(
         key_mask: optional boolean `(M,)`, False for keys that must be ignored.
         query_key_index: optional integer `(B,)`, the index of each query's own copy
             among the keys (excluded); negative for none.
-        margin: negatives at or below this similarity cost nothing.
+        neg_margin: negatives at or below this similarity cost nothing.
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
@@ -99,8 +100,8 @@ def fused_contrastive_loss(
             f"key_embeddings must be one of {MATMUL_DTYPES}, got {keys.dtype.name}"
         )
     queries = tf.cast(query_embeddings, tf.float32)
-    query_labels = tf.cast(tf.reshape(query_labels, (-1,)), tf.int32)
-    key_labels = tf.cast(tf.reshape(key_labels, (-1,)), tf.int32)
+    query_labels = check_labels(tf.reshape(query_labels, (-1,)), "query_labels")
+    key_labels = check_labels(tf.reshape(key_labels, (-1,)), "key_labels")
     num_keys = tf.shape(key_labels)[0]
     if key_mask is None:
         key_mask = tf.ones((num_keys,), tf.bool)
@@ -108,7 +109,7 @@ def fused_contrastive_loss(
     if query_key_index is None:
         query_key_index = -tf.ones_like(query_labels)
     own = tf.cast(tf.reshape(query_key_index, (-1,)), tf.int32)
-    margin = tf.cast(margin, tf.float32)
+    margin = tf.cast(neg_margin, tf.float32)
 
     @tf.custom_gradient
     def loss(queries):
@@ -160,7 +161,7 @@ def memory_pair_loss(
             key_labels,
             key_mask=key_mask,
             query_key_index=query_key_index,
-            margin=pair_loss.margin,
+            neg_margin=pair_loss.neg_margin,
         )
     return pair_loss.pair_loss(
         query_embeddings,
