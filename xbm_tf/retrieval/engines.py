@@ -112,18 +112,25 @@ def _import_scann(backend):
 
 
 def _scann_ah_searcher(scann, g, n):
-    """Tree (about sqrt(N) leaves) + AH (2 dims per block) + exact re-ordering."""
+    """Tree (about sqrt(N) leaves) + AH (2 dims per block) + exact re-ordering.
+
+    The leaves searched are enough to hold about twice the re-ordered candidates
+    (at least 1/8 of them), and `4 * n` candidates (at least 100) are re-scored
+    exactly before the top `n` are returned.
+    """
     num = g.shape[0]
+    reorder = min(num, max(4 * n, 100))
     builder = scann.scann_ops_pybind.builder(g, n, "dot_product")
     num_leaves = int(np.clip(round(np.sqrt(num)), 1, 4096))
     if num_leaves >= 4:
+        needed = int(np.ceil(2 * reorder * num_leaves / num))
         builder = builder.tree(
             num_leaves=num_leaves,
-            num_leaves_to_search=max(2, num_leaves // 8),
+            num_leaves_to_search=min(num_leaves, max(2, num_leaves // 8, needed)),
             training_sample_size=min(num, 100_000),
         )
     builder = builder.score_ah(2, anisotropic_quantization_threshold=0.2)
-    return builder.reorder(max(4 * n, 100)).build()
+    return builder.reorder(reorder).build()
 
 
 def _scann_search(q, g, k, leave_one_out, block_size, approximate=False):
@@ -144,6 +151,11 @@ def _scann_search(q, g, k, leave_one_out, block_size, approximate=False):
     )
     idx = np.asarray(idx).astype(np.int32, copy=False)
     scores = np.asarray(scores, dtype=np.float32)
+    # Searched leaves holding fewer than n items pad with (0, NaN): mark them so
+    # they are not taken for a query itself; such rows are searched exactly below.
+    short = np.flatnonzero(np.isnan(scores).any(axis=1))
+    idx[np.isnan(scores)] = -1
+    scores[np.isnan(scores)] = -np.inf
     # Deterministic order: decreasing score, then increasing index (tied rows only).
     tied = np.flatnonzero(np.any(scores[:, 1:] == scores[:, :-1], axis=1))
     if tied.size:
@@ -165,6 +177,8 @@ def _scann_search(q, g, k, leave_one_out, block_size, approximate=False):
             idx[ambiguous], scores[ambiguous] = exact_rows_numpy(
                 q, g, ambiguous, k, leave_one_out
             )
+    if short.size:
+        idx[short], scores[short] = exact_rows_numpy(q, g, short, k, leave_one_out)
     return idx, scores
 
 
