@@ -1,28 +1,30 @@
-"""Retrieval-evaluation speed at Stanford Online Products scale, all backends.
+"""Retrieval-evaluation speed at Stanford Online Products scale, against the floor.
 
 Run:
-    python benchmarks/eval_speed.py            # 60,502 x 512, minutes on 2 cores
-    python benchmarks/eval_speed.py --small    # 6,050 x 128, seconds
+    python benchmarks/eval_speed.py                 # 60,502 x 512, all methods
+    python benchmarks/eval_speed.py --quick         # 12,000 x 512, floor + default
+    python benchmarks/eval_speed.py --n 20000 --methods floor,default,numpy
 
-Synthetic SOP-like embeddings (60,502 L2-normalised 512-d vectors in ~11,300
-classes of 2 to 11 items, clustered so exact leave-one-out R@1 is about 0.8) are
-evaluated for R@{1,10,100,1000}, every item querying all others (itself excluded),
-by:
-- a plain numpy baseline: blocked matmul + argpartition of the top 1000 + sort;
-- `xbm_tf.evaluation.recall_at_k` (either backend; the backend only serves
-  MAP@R's top-R search): one blocked float32 matmul pass over the upper triangle of
-  the symmetric similarity matrix that counts, per query, the items scoring above
-  its best same-class item (its exact rank; R@K hit iff rank < K), no top-k;
-- the previous default, kept for comparison: ScaNN brute force top-64
-  (`search_batched_parallel`), then exact rank counting of the queries not hit;
-- ScaNN top-1000 lists from `nearest_neighbors`, i.e. the plain search without rank
-  counting, to show what the counting saves;
-- faiss `IndexFlatIP` top-1000 lists, if faiss is installed.
-All methods are exact; the table shows times, speed-ups over numpy measured in
-this one run, and R@K differences from the default (non-zero only through
-float rounding of near-ties, e.g. 1 query in 60,502 = 0.00002). With `--repeats N`
-the methods run round-robin N times and the fastest time of each is kept, which
-damps the noise of a shared machine.
+Synthetic SOP-like embeddings (L2-normalised 512-d vectors in classes of 2 to 11
+items, clustered so exact leave-one-out R@1 is about 0.8) are evaluated for
+R@{1,10,100,1000}, every item querying all others (itself excluded), by:
+- `floor`: the float32 GEMM floor, i.e. plain TensorFlow matmuls of exactly the
+  blocks the default computes (the upper-triangle strips of the symmetric
+  similarity matrix, `n^2 * dim` multiply-adds), with no counting: no exact
+  method that computes every score can be faster;
+- `default`: `xbm_tf.retrieval.recall_at_k` with its default engine,
+  `"exact_rank"`: the same blocked TensorFlow matmul, each block counted for
+  its rows and columns (the rank of each query's best same-class item), near-ties
+  re-ranked exactly, no top-k;
+- `numpy`: a plain numpy baseline, blocked matmul + argpartition of the top 1000;
+- `exact` and `scann`: the list engines (`recall_at_k(..., backend=...)`,
+  TensorFlow top-k or ScaNN brute-force top-1001 lists);
+- `scann_ah`: the approximate engine (tree + AH + exact re-ordering);
+- `faiss`: faiss `IndexFlatIP` top-1000 lists, if faiss is installed.
+Methods run round-robin `--repeats` times (interleaved, so a shared machine's
+load hits them alike); the table gives the median wall time with its [min-max]
+range, the CPU time, the ratio to the floor and to numpy, and R@K differences
+from numpy (exact methods must print 0).
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from xbm_tf import evaluation  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from xbm_tf import retrieval  # noqa: E402
 
 KS = (1, 10, 100, 1000)
-BASELINE = "numpy blocked matmul + argpartition"
-DEFAULT = "xbm_tf recall_at_k (default, rank counting)"
+ALL_METHODS = ("floor", "default", "numpy", "exact", "scann", "scann_ah", "faiss")
 
 
 def sop_like(n: int, num_classes: int, dim: int, noise: float, seed: int = 0):
@@ -62,6 +65,25 @@ def sop_like(n: int, num_classes: int, dim: int, noise: float, seed: int = 0):
     return x, labels
 
 
+@tf.function(reduce_retracing=True)
+def _strip(x, start, stop):
+    return tf.matmul(x[start:stop], x[start:], transpose_b=True)
+
+
+def gemm_floor(x, block_size):
+    """The default's matmul blocks alone (upper-triangle strips), results kept."""
+    x_t = tf.constant(x)
+    for start in range(0, len(x), block_size):
+        stop = min(start + block_size, len(x))
+        _strip(x_t, tf.constant(start), tf.constant(stop)).numpy()
+
+
+def gemm_flops(n, dim, block_size):
+    return sum(
+        2 * min(block_size, n - s) * (n - s) * dim for s in range(0, n, block_size)
+    )
+
+
 def numpy_baseline(x, k, block=1024):
     """Blocked matmul + argpartition + sort of the top k, self excluded."""
     out = np.empty((len(x), k), np.int64)
@@ -75,16 +97,6 @@ def numpy_baseline(x, k, block=1024):
     return out
 
 
-def scann_then_count(x, labels, ks, block_size):
-    """The previous default: ScaNN top-64, then rank counting of the misses."""
-    codes = np.unique(labels, return_inverse=True)[1]
-    r = np.bincount(codes)[codes] - 1
-    first = evaluation._search_then_count(
-        x, x, codes, codes, r, True, ks, "scann", block_size
-    )
-    return {kk: int(np.count_nonzero(first < kk)) / len(x) for kk in ks}
-
-
 def faiss_flat(x, k):
     import faiss
 
@@ -96,102 +108,137 @@ def faiss_flat(x, k):
     return idx[~drop].reshape(len(x), k)
 
 
+def _cpu_name():
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if "model name" in ln]
+        if names:
+            return names[0]
+    return platform.processor() or "?"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="6,050 x 128 quick run")
+    parser.add_argument("--n", type=int, default=60502, help="items (SOP: 60502)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument(
+        "--quick", action="store_true", help="--n 12000, floor and default only"
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all; "
+        "with --quick: floor,default)",
+    )
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--block_size", type=int, default=1024)
     parser.add_argument("--scann_block_size", type=int, default=None)
-    parser.add_argument("--block_size", type=int, default=None)
     args = parser.parse_args()
+    n = 12000 if args.quick and args.n == 60502 else args.n
+    methods_arg = args.methods or ("floor,default" if args.quick else "")
+    chosen = [m for m in methods_arg.split(",") if m] or list(ALL_METHODS)
+    unknown = sorted(set(chosen) - set(ALL_METHODS))
+    if unknown:
+        raise SystemExit(f"error: --methods: unknown {unknown}; use {ALL_METHODS}")
+    if n < 12 or args.repeats < 1 or args.block_size < 1:
+        raise SystemExit("error: need --n >= 12, --repeats >= 1, --block_size >= 1")
 
-    if args.small:
-        n, num_classes, dim, noise = 6050, 1130, 128, 1.6
-    else:
-        n, num_classes, dim, noise = 60502, 11316, 512, 2.2
-    x, labels = sop_like(n, num_classes, dim, noise)
+    num_classes = max(2, round(n * 11316 / 60502))
+    x, labels = sop_like(n, num_classes, args.dim, noise=2.2)
     ks = tuple(k for k in KS if k < n)
     k = max(ks)
 
-    def metrics(idx):
-        out = evaluation.metrics_from_neighbors(idx, labels, ks=ks)
+    def lists_recall(idx):
+        out = retrieval.metrics_from_neighbors(idx, labels, ks=ks)
         return {kk: out[f"recall@{kk}"] for kk in ks}
 
+    def engine(name):
+        size = args.scann_block_size if name.startswith("scann") else args.block_size
+        return lambda: retrieval.recall_at_k(
+            x, labels, ks=ks, backend=name, block_size=size
+        )
+
     methods = {
-        BASELINE: lambda: metrics(numpy_baseline(x, k)),
-        DEFAULT: lambda: evaluation.recall_at_k(
-            x, labels, ks=ks, block_size=args.block_size
+        "floor": ("float32 GEMM floor (TF matmul, same blocks)", None),
+        "default": (
+            "recall_at_k, exact_rank (default)",
+            lambda: retrieval.recall_at_k(x, labels, ks=ks, block_size=args.block_size),
         ),
-        "  old default: scann top-64 + count misses": lambda: scann_then_count(
-            x, labels, ks, args.scann_block_size
+        "numpy": (
+            "numpy blocked matmul + argpartition",
+            lambda: lists_recall(numpy_baseline(x, k)),
         ),
-        f"  scann top-{k} lists, no rank counting": lambda: metrics(
-            evaluation.nearest_neighbors(
-                x, k=k, backend="scann", block_size=args.scann_block_size
-            )[0]
-        ),
+        "exact": (f"recall_at_k, exact (TF top-{k + 1})", engine("exact")),
+        "scann": (f"recall_at_k, scann (brute top-{k + 1})", engine("scann")),
+        "scann_ah": ("recall_at_k, scann_ah (APPROXIMATE)", engine("scann_ah")),
     }
     try:
         import faiss
 
-        methods[f"faiss {faiss.__version__} IndexFlatIP"] = lambda: metrics(
-            faiss_flat(x, k)
+        methods["faiss"] = (
+            f"faiss {faiss.__version__} IndexFlatIP",
+            lambda: lists_recall(faiss_flat(x, k)),
         )
-        faiss_note = ""
     except ImportError:
-        faiss_note = "faiss: skipped (not installed; pip install faiss-cpu to add it)"
+        if "faiss" in chosen:
+            print("faiss: skipped (not installed; pip install faiss-cpu to add it)")
+        chosen = [m for m in chosen if m != "faiss"]
+    methods["floor"] = (methods["floor"][0], lambda: gemm_floor(x, args.block_size))
+    chosen = [m for m in ALL_METHODS if m in chosen]
 
-    cpu = platform.processor() or "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if "model name" in ln]
-        cpu = names[0] if names else cpu
-    print(f"data: {n} x {dim}, {num_classes} classes, top-{k}, R@{ks}")
-    print(f"machine: {os.cpu_count()} CPUs ({cpu}), load average {os.getloadavg()}")
+    flops = gemm_flops(n, args.dim, args.block_size)
+    print(f"data: {n} x {args.dim}, {num_classes} classes, R@{ks}, leave-one-out")
+    print(f"GEMM work of the symmetric pass: {flops / 1e12:.3f} TFLOP (float32)")
+    print(f"machine: {os.cpu_count()} CPUs ({_cpu_name()}), TF {tf.__version__}")
+    print(f"load average before: {tuple(round(v, 2) for v in os.getloadavg())}")
+    tf.constant(1.0)  # start TensorFlow before timing
+    gemm_floor(x[:256], 128)  # trace the floor's tf.function
 
-    times = {name: float("inf") for name in methods}
-    cpu_times = {name: float("inf") for name in methods}
+    walls = {m: [] for m in chosen}
+    cpus = {m: [] for m in chosen}
     recalls = {}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            wall, cpu_start = time.perf_counter(), time.process_time()
-            recalls[name] = fn()
-            cpu_times[name] = min(cpu_times[name], time.process_time() - cpu_start)
-            times[name] = min(times[name], time.perf_counter() - wall)
-            print(f"  {name}: {times[name]:.1f} s", flush=True)
+    for rep in range(args.repeats):
+        for m in chosen:
+            wall, cpu = time.perf_counter(), time.process_time()
+            recalls[m] = methods[m][1]()
+            cpus[m].append(time.process_time() - cpu)
+            walls[m].append(time.perf_counter() - wall)
+            print(f"  [{rep + 1}/{args.repeats}] {m}: {walls[m][-1]:.2f} s", flush=True)
+    load_after = tuple(round(v, 2) for v in os.getloadavg())
 
-    base = times[BASELINE]
-    base_cpu = cpu_times[BASELINE]
-    exact = recalls[DEFAULT]
+    med = {m: float(np.median(walls[m])) for m in chosen}
+    reference = recalls.get("numpy") or recalls.get("default")
+    ref_name = "numpy" if "numpy" in recalls else "default"
     header = (
-        f"{'method':42s} {'wall s':>7s} {'speed-up':>8s} {'CPU s':>7s} {'ratio':>6s}"
+        f"{'method':44s} {'wall s':>7s} {'[min-max]':>15s} {'CPU s':>7s}"
+        f" {'x floor':>7s} {'x numpy':>7s} {'R@1':>7s}"
     )
-    header += f" {'R@1':>7s}" + "".join(f" {'dR@' + str(kk):>8s}" for kk in ks)
+    header += "".join(f" {'dR@' + str(kk):>8s}" for kk in ks)
     print("\n" + header + "\n" + "-" * len(header))
-    for name in methods:
-        row = f"{name:42s} {times[name]:7.1f} {base / times[name]:7.2f}x"
-        row += f" {cpu_times[name]:7.1f} {base_cpu / cpu_times[name]:5.2f}x"
-        row += f" {recalls[name][1]:7.4f}"
-        row += "".join(f" {recalls[name][kk] - exact[kk]:+8.5f}" for kk in ks)
+    for m in chosen:
+        row = f"{methods[m][0]:44s} {med[m]:7.2f}"
+        row += f" {f'[{min(walls[m]):.2f}-{max(walls[m]):.2f}]':>15s}"
+        row += f" {np.median(cpus[m]):7.2f}"
+        row += f" {med[m] / med['floor']:6.2f}x" if "floor" in med else f" {'':>7s}"
+        row += f" {med['numpy'] / med[m]:6.2f}x" if "numpy" in med else f" {'':>7s}"
+        if m in recalls and recalls[m] is not None:
+            row += f" {recalls[m][1]:7.4f}"
+            row += "".join(f" {recalls[m][kk] - reference[kk]:+8.5f}" for kk in ks)
         print(row)
-    if faiss_note:
-        print(faiss_note)
     print(
-        "speed-up = numpy wall time / wall time; ratio = the same for CPU time "
-        "(all threads), which a busy shared machine disturbs less."
+        f"x floor = median wall / median floor wall; x numpy = speed-up over numpy; "
+        f"dR@K = difference from {ref_name}; medians of {args.repeats} interleaved "
+        f"run(s)."
     )
-    print(f"(load average after the run: {os.getloadavg()})")
-
-    default = times[DEFAULT]
-    print(
-        f"\ndefault backend vs numpy: {base / default:.2f}x wall, "
-        f"{base_cpu / cpu_times[DEFAULT]:.2f}x CPU (target >= 2.5x)"
-    )
-    for name in methods:
-        if name.startswith("faiss"):
-            print(
-                f"default backend vs faiss flat: {times[name] / default:.2f}x wall, "
-                f"{cpu_times[name] / cpu_times[DEFAULT]:.2f}x CPU (target >= 1.0x)"
-            )
+    if "floor" in med:
+        print(f"GEMM rate of the floor: {flops / med['floor'] / 1e9:.0f} GFLOP/s")
+    if "floor" in med and "default" in med:
+        ratios = [d / f for d, f in zip(walls["default"], walls["floor"])]
+        print(
+            f"default / floor per round: median {np.median(ratios):.2f}x "
+            f"[{min(ratios):.2f}-{max(ratios):.2f}] (target <= 1.5x)"
+        )
+    print(f"load average after: {load_after}")
 
 
 if __name__ == "__main__":

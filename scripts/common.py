@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from xbm_tf import data, distribute, evaluation, losses, plots
+from xbm_tf import data, distribute, evaluation, losses, plots, retrieval
 from xbm_tf.losses.base import hyper_parameters
 from xbm_tf.terminate_on_nonfinite import NonFiniteLossError
 
@@ -150,7 +150,12 @@ EVAL_EVERY = flags.DEFINE_integer(
 )
 EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 128, "Evaluation batch size.")
 EVAL_BACKEND = flags.DEFINE_enum(
-    "eval_backend", "scann", ["scann", "exact"], "Nearest-neighbour backend."
+    "eval_backend",
+    "exact_rank",
+    list(retrieval.ENGINES),
+    "Search engine for every metric: exact_rank (exact; Recall@K by rank counting "
+    "on TensorFlow matmul blocks), exact (TensorFlow top-k lists), scann (ScaNN "
+    "brute force) or scann_ah (ScaNN tree + AH: approximate, labelled so).",
 )
 RECALL_KS = flags.DEFINE_list("recall_ks", ["1", "2", "4", "8"], "Recall@K values.")
 VERBOSE = flags.DEFINE_enum(
@@ -358,6 +363,8 @@ def write_table(results: dict[str, dict[str, float]], out_dir: str) -> str:
     columns = list(results)
     keys = list(results[columns[-1]])
     lines = [f"{'':>12} " + " ".join(f"{c:>10}" for c in columns)]
+    if any(results[c].get("approximate") for c in columns):
+        lines.insert(0, "APPROXIMATE search (scann_ah): values may be below exact.")
     for key in keys:
         values = " ".join(f"{results[c].get(key, float('nan')):10.4f}" for c in columns)
         lines.append(f"{key:>12} {values}")

@@ -1,6 +1,6 @@
 """xbm-tf: Cross-Batch Memory for embedding learning, in Keras 3."""
 
-from xbm_tf import data, distribute, evaluation, losses, plots
+from xbm_tf import data, distribute, evaluation, losses, plots, retrieval
 from xbm_tf.backbones import build_embedding_model
 from xbm_tf.evaluation import map_at_r, r_precision, recall_at_k
 from xbm_tf.export import export_embedding_model, load_exported_embedder
@@ -34,4 +34,5 @@ __all__ = [
     "plots",
     "r_precision",
     "recall_at_k",
+    "retrieval",
 ]

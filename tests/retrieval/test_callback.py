@@ -1,4 +1,4 @@
-"""Tests for xbm_tf.retrieval_callback on a tiny Dense + L2-normalise model."""
+"""Tests for xbm_tf.retrieval.callback on a tiny Dense + L2-normalise model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from xbm_tf import evaluation as ev
-from xbm_tf.retrieval_callback import RetrievalEvaluation, embed_dataset
+from xbm_tf import retrieval as ev
+from xbm_tf.retrieval import RetrievalEvaluation, embed_dataset
 
 
 def _clustered(n=120, num_classes=12, dim=8, noise=0.8, seed=0):
@@ -174,3 +174,13 @@ def test_errors():
     empty = tf.data.Dataset.from_tensor_slices((x[:0], y[:0])).batch(4)
     with pytest.raises(ValueError, match="yielded no batches"):
         embed_dataset(_embedder(), empty)
+
+
+def test_approximate_engine_is_labelled_in_the_logs():
+    x, y = _clustered()
+    recorder = _LogRecorder()
+    evaluation = RetrievalEvaluation((x, y), ks=(1, 4), backend="scann_ah")
+    _fit(_embedder(), x, [evaluation, recorder], epochs=1)
+    assert recorder.logs[-1]["val_approximate"] == 1.0
+    exact = RetrievalEvaluation((x, y), ks=(1, 4), embedding_model=_embedder())
+    assert "val_approximate" not in exact.evaluate()

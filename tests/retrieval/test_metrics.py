@@ -1,4 +1,4 @@
-"""Tests for xbm_tf.evaluation: both backends against a slow numpy loop."""
+"""Tests for xbm_tf.retrieval.metrics: every exact engine against a slow numpy loop."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from xbm_tf import evaluation as ev
+from xbm_tf import retrieval as ev
+from xbm_tf.retrieval import counting
+from xbm_tf.retrieval import metrics as metrics_module
 
-BACKENDS = ("exact", "scann")
+BACKENDS = ev.EXACT_ENGINES  # exact_rank, exact, scann
 
 
 def _clustered(n, num_classes, dim, noise, seed):
@@ -290,7 +292,7 @@ def test_recall_beyond_the_search_counts_ranks_exactly(backend, monkeypatch):
     # R@K for every K comes from counting the rank of each query's best
     # same-class item (the search cap, here 2, only bounds the top-R search and
     # the large-class fallback); it must equal the loop for K far past the cap.
-    monkeypatch.setattr(ev, "_SEARCH_K_CAP", 2)
+    monkeypatch.setattr(metrics_module, "SEARCH_K_CAP", 2)
     x, y = _clustered(300, 60, 16, noise=1.6, seed=7)
     ks = (1, 2, 3, 10, 50, 299)
     recall, map_r, _, _ = _reference(x, y, ks=ks)
@@ -335,16 +337,16 @@ def test_rank_counting_band_and_fallback(monkeypatch):
     recall, _, _, _ = _reference(x, y, ks=ks)
     assert ev.recall_at_k(x, y, ks=ks, block_size=16) == recall
     calls = []
-    orig = ev._first_hit_ranks
+    orig = counting.first_hit_ranks
 
     def spy(*args, **kwargs):
         calls.append(len(args[4]))
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "_first_hit_ranks", spy)
+    monkeypatch.setattr(counting, "first_hit_ranks", spy)
     assert ev.recall_at_k(x, y, ks=ks) == recall
     assert 0 < calls[0] < len(x)  # only the ambiguous queries are re-ranked
     # Classes too large for the pair pass: top-k search, then counting misses.
-    monkeypatch.setattr(ev, "_MAX_PAIRS_PER_QUERY", 0)
+    monkeypatch.setattr(counting, "MAX_PAIRS_PER_QUERY", 0)
     for backend in BACKENDS:
         assert ev.recall_at_k(x, y, ks=ks, backend=backend) == recall

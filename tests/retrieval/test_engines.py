@@ -1,0 +1,159 @@
+"""Tests for xbm_tf.retrieval.engines: one name per engine, identical exact Recall@K.
+
+The reference is a slow loop over exactly summed dot products (`math.fsum` of the
+float64 products of float32 inputs, which are exact), ties by lower index, so it
+does not share the engines' float32 kernels or their float64 re-ranking.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import xbm_tf
+from xbm_tf import evaluation, retrieval, retrieval_callback
+from xbm_tf.retrieval import engines
+
+
+def _exact_recall(q, ql, g=None, gl=None, ks=(1,)):
+    """Recall@K from exactly summed scores, ties by lower index."""
+    loo = g is None
+    if loo:
+        g, gl = q, ql
+    g64, q64 = g.astype(np.float64), q.astype(np.float64)
+    hits = {k: 0 for k in ks}
+    for i in range(len(q)):
+        sims = [math.fsum(q64[i] * g64[j]) for j in range(len(g))]
+        cands = [j for j in range(len(g)) if not (loo and j == i)]
+        order = sorted(cands, key=lambda j: (-sims[j], j))
+        rel = [gl[j] == ql[i] for j in order]
+        for k in ks:
+            hits[k] += any(rel[:k])
+    return {k: hits[k] / len(q) for k in ks}
+
+
+def _near_ties(num_bases, variants, dim, num_classes, seed):
+    """Groups of vectors a few float32 ulps apart, with random labels.
+
+    Within a group the exact dot products with any query differ by about 1e-8,
+    below float32 rounding (about 1e-7), so a float32 matmul orders them by
+    rounding noise; only an exact re-ranking gets them right. Some variants
+    are exact duplicates (equal exact scores: lower index first).
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((num_bases, dim)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    x = np.repeat(base, variants, axis=0)
+    for row in x[rng.random(len(x)) < 0.8]:  # the other 20% stay duplicates
+        for j in rng.choice(dim, 3, replace=False):
+            steps = rng.integers(1, 4)
+            direction = np.float32(np.inf if rng.random() < 0.5 else -np.inf)
+            for _ in range(steps):
+                row[j] = np.nextafter(row[j], direction)
+    order = rng.permutation(len(x))  # groups spread over the index range
+    return x[order], rng.integers(0, num_classes, size=len(x))
+
+
+def test_engine_names():
+    assert retrieval.ENGINES == ("exact_rank", "exact", "scann", "scann_ah")
+    assert retrieval.EXACT_ENGINES == ("exact_rank", "exact", "scann")
+    assert retrieval.APPROXIMATE_ENGINES == ("scann_ah",)
+    x = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"one of \('exact_rank'.*'scann_ah'\).*'xyz'"):
+        retrieval.recall_at_k(x, [0, 0, 1, 1], ks=(1,), backend="xyz")
+    with pytest.raises(ValueError, match=r"`backend` must be one of"):
+        retrieval.nearest_neighbors(x, k=1, backend="faiss")
+
+
+@pytest.mark.parametrize("block_size", [None, 7])
+def test_exact_engines_identical_recall_on_ties_and_near_ties(block_size):
+    x, y = _near_ties(num_bases=20, variants=6, dim=16, num_classes=3, seed=0)
+    ks = (1, 2, 3, 5, 8, 30)
+    want = _exact_recall(x, y, ks=ks)
+    assert 0.1 < want[1] < want[5] < 1.0  # R@1 depends on the near-ties
+    for backend in retrieval.EXACT_ENGINES:
+        got = retrieval.recall_at_k(x, y, ks=ks, backend=backend, block_size=block_size)
+        assert got == want, backend
+    q, ql, g, gl = x[:40], y[:40], x[40:], y[40:]
+    want = _exact_recall(q, ql, g, gl, ks=(1, 2, 4, 60))
+    for backend in retrieval.EXACT_ENGINES:
+        got = retrieval.recall_at_k(
+            q, ql, g, gl, ks=(1, 2, 4, 60), backend=backend, block_size=block_size
+        )
+        assert got == want, backend
+
+
+def test_exact_engines_identical_recall_on_exact_ties():
+    # Entries of +-0.5: every score is a multiple of 1/4 in any arithmetic.
+    rng = np.random.default_rng(3)
+    x = np.zeros((160, 8), np.float32)
+    for row in x:
+        row[rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    y = rng.integers(0, 10, size=160)
+    ks = (1, 4, 16, 100)
+    want = _exact_recall(x, y, ks=ks)
+    for backend in retrieval.EXACT_ENGINES:
+        assert retrieval.recall_at_k(x, y, ks=ks, backend=backend) == want, backend
+        got = retrieval.retrieval_metrics(x, y, ks=ks, backend=backend)
+        assert {k: got[f"recall@{k}"] for k in ks} == want, backend
+        assert "approximate" not in got
+
+
+def _clustered(n, num_classes, dim, noise, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=n)
+    centers = rng.standard_normal((num_classes, dim))
+    x = centers[labels] + noise * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def test_scann_ah_is_close_to_exact_and_labelled_approximate():
+    x, y = _clustered(3000, 60, 32, noise=0.6, seed=1)
+    exact, _ = retrieval.nearest_neighbors(x, k=10, backend="exact")
+    approx, scores = retrieval.nearest_neighbors(x, k=10, backend="scann_ah")
+    assert approx.shape == (3000, 10) and approx.min() >= 0
+    assert not np.any(approx == np.arange(3000)[:, None])  # self excluded
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    overlap = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert overlap >= 0.9, overlap  # recall@10 of the neighbour lists
+    got = retrieval.retrieval_metrics(x, y, ks=(1, 10), backend="scann_ah")
+    want = retrieval.retrieval_metrics(x, y, ks=(1, 10))
+    assert got["approximate"] == 1.0 and "approximate" not in want
+    assert abs(got["recall@1"] - want["recall@1"]) < 0.02
+    assert abs(got["map@r"] - want["map@r"]) < 0.05
+
+
+def test_scann_ah_completes_short_rows_exactly(monkeypatch):
+    # Searching 1 leaf of 20 cannot fill 100 neighbours: ScaNN pads those rows
+    # with (0, NaN); they are searched exactly instead.
+    import scann
+
+    def one_leaf(_, g, n):
+        builder = scann.scann_ops_pybind.builder(g, n, "dot_product")
+        builder = builder.tree(20, 1, training_sample_size=len(g))
+        return builder.score_ah(2).reorder(n).build()
+
+    monkeypatch.setattr(engines, "_scann_ah_searcher", one_leaf)
+    x, _ = _clustered(300, 10, 8, noise=1.0, seed=2)
+    idx, scores = retrieval.nearest_neighbors(x, k=100, backend="scann_ah")
+    want_idx, want_scores = retrieval.nearest_neighbors(x, k=100, backend="exact")
+    assert np.isfinite(scores).all()
+    assert np.array_equal(np.sort(idx, axis=1), np.sort(want_idx, axis=1))
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_old_import_paths_still_work():
+    assert evaluation.recall_at_k is retrieval.recall_at_k is xbm_tf.recall_at_k
+    assert evaluation.map_at_r is retrieval.map_at_r is xbm_tf.map_at_r
+    assert evaluation.r_precision is retrieval.r_precision is xbm_tf.r_precision
+    assert evaluation.retrieval_metrics is retrieval.retrieval_metrics
+    assert evaluation.metrics_from_neighbors is retrieval.metrics_from_neighbors
+    assert evaluation.nearest_neighbors is retrieval.nearest_neighbors
+    assert evaluation.BACKENDS == retrieval.ENGINES
+    assert retrieval_callback.RetrievalEvaluation is retrieval.RetrievalEvaluation
+    assert xbm_tf.RetrievalEvaluation is retrieval.RetrievalEvaluation
+    assert retrieval_callback.embed_dataset is retrieval.embed_dataset
+    assert xbm_tf.retrieval is retrieval

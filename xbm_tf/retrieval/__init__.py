@@ -1,0 +1,42 @@
+"""Search and retrieval metrics for embeddings, one module per job.
+
+- `engines`: the search engines, one name each (`"exact_rank"`, `"exact"`,
+  `"scann"`, `"scann_ah"`), and `nearest_neighbors`.
+- `counting`: exact ranks of each query's best same-class item by one blocked
+  matmul pass (Recall@K without top-K lists), shared tie rules.
+- `metrics`: `recall_at_k`, `map_at_r`, `r_precision`, `retrieval_metrics`,
+  `metrics_from_neighbors`.
+- `callback`: the `RetrievalEvaluation` Keras callback and `embed_dataset`.
+- `inputs`: argument checks shared by all of them.
+"""
+
+from __future__ import annotations
+
+from xbm_tf.retrieval.callback import RetrievalEvaluation, embed_dataset
+from xbm_tf.retrieval.engines import (
+    APPROXIMATE_ENGINES,
+    ENGINES,
+    EXACT_ENGINES,
+    nearest_neighbors,
+)
+from xbm_tf.retrieval.metrics import (
+    map_at_r,
+    metrics_from_neighbors,
+    r_precision,
+    recall_at_k,
+    retrieval_metrics,
+)
+
+__all__ = [
+    "APPROXIMATE_ENGINES",
+    "ENGINES",
+    "EXACT_ENGINES",
+    "RetrievalEvaluation",
+    "embed_dataset",
+    "map_at_r",
+    "metrics_from_neighbors",
+    "nearest_neighbors",
+    "r_precision",
+    "recall_at_k",
+    "retrieval_metrics",
+]
