@@ -25,6 +25,10 @@ from xbm_tf.retrieval_callback import embed_dataset
 
 __all__ = ["FeatureDrift"]
 
+#: ImageSet probes whose transformed float32 images fit in this many bytes are
+#: decoded once and kept in memory; larger probe sets are read again each time.
+CACHE_LIMIT_BYTES = 256 * 2**20
+
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -64,10 +68,12 @@ class FeatureDrift(keras.callbacks.Callback):
             an `xbm_tf.data.ImageSet` (e.g. the training split; `num_probes` of
             its images are drawn and read with the evaluation transform, see
             `resize_size`, `crop_size`, `channels`; corrupt files among them are
-            dropped); a float or uint8 array `(N, H, W, C)` of model inputs
-            (`num_probes` rows are drawn); or a `tf.data.Dataset` of
-            `(images, labels)` batches that yields the same images in the same
-            order every pass (its first `num_probes` images are the probes).
+            dropped; kept in memory after the first pass when the transformed
+            images take at most `CACHE_LIMIT_BYTES`); a float or uint8 array
+            `(N, H, W, C)` of model inputs (`num_probes` rows are drawn); or a
+            `tf.data.Dataset` of `(images, labels)` batches that yields the
+            same images in the same order every pass (its first `num_probes`
+            images are the probes).
         deltas: the `dt` in optimizer steps; each a multiple of `every_n_steps`.
         every_n_steps: embed the probes every this many optimizer steps.
         num_probes: the number of probe images (fewer if the data hold fewer).
@@ -156,13 +162,16 @@ class FeatureDrift(keras.callbacks.Callback):
                     logging.getLogger(__name__).warning(
                         "FeatureDrift: dropped %d corrupt probe images.", len(skipped)
                     )
-            return eval_dataset(
+            probes = eval_dataset(
                 subset,
                 batch_size=self.batch_size,
                 resize_size=resize_size,
                 crop_size=crop_size,
                 channels=channels,
             )
+            # Decode and transform once when the probe tensors are small.
+            pixels = len(subset) * crop_size * crop_size * (channels or 3)
+            return probes.cache() if 4 * pixels <= CACHE_LIMIT_BYTES else probes
         if isinstance(data, tf.data.Dataset):
             return (
                 data.map(lambda images, labels, *_: (images, labels))
