@@ -18,7 +18,7 @@ from xbm_tf import data, distribute, evaluation, losses, plots, retrieval
 from xbm_tf.losses.base import hyper_parameters
 from xbm_tf.terminate_on_nonfinite import NonFiniteLossError
 
-DATASETS = ("quickstart", "cub", "cars196", "sop", "inshop")
+DATASETS = ("quickstart", "cub", "cars196", "sop", "inshop", "vehicleid")
 
 DATASET = flags.DEFINE_enum("dataset", None, DATASETS, "Dataset to train on.")
 DATA_DIR = flags.DEFINE_string(
@@ -26,6 +26,13 @@ DATA_DIR = flags.DEFINE_string(
 )
 TFDS = flags.DEFINE_bool(
     "tfds", False, "Read the dataset with tensorflow-datasets (cub, cars196, sop)."
+)
+VEHICLEID_TEST_SIZE = flags.DEFINE_enum(
+    "vehicleid_test_size",
+    "small",
+    ["small", "medium", "large", "all"],
+    "VehicleID test list: small (800 vehicles), medium (1,600), large (2,400); "
+    "all (evaluate.py only) prints the three in one table.",
 )
 MAX_PER_CLASS = flags.DEFINE_integer(
     "max_per_class", None, "Keep at most this many images per class (quickstart)."
@@ -158,6 +165,22 @@ EVAL_BACKEND = flags.DEFINE_enum(
     "brute force) or scann_ah (ScaNN tree + AH: approximate, labelled so).",
 )
 RECALL_KS = flags.DEFINE_list("recall_ks", ["1", "2", "4", "8"], "Recall@K values.")
+# Feature drift (train.py).
+DRIFT_EVERY = flags.DEFINE_integer(
+    "drift_every_steps",
+    0,
+    "Embed a fixed probe set of training images every N optimizer steps and log "
+    "its feature drift (drift@dt in log.csv and TensorBoard, feature_drift.png); "
+    "0 = off.",
+)
+DRIFT_DELTAS = flags.DEFINE_list(
+    "drift_deltas",
+    ["10", "100", "1000"],
+    "The dt (optimizer steps, multiples of --drift_every_steps) of drift@dt.",
+)
+DRIFT_PROBES = flags.DEFINE_integer(
+    "drift_probes", 1000, "Training images in the feature-drift probe set."
+)
 VERBOSE = flags.DEFINE_enum(
     "verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity."
 )
@@ -170,6 +193,9 @@ LOADERS = {
     "cars196": lambda root, _: data.load_cars196(root),
     "sop": lambda root, _: data.load_sop(root),
     "inshop": lambda root, _: data.load_inshop(root),
+    "vehicleid": lambda root, _: data.load_vehicleid(
+        root, test_size=VEHICLEID_TEST_SIZE.value
+    ),
 }
 TFDS_NAMES = {
     "cub": "caltech_birds2011",
@@ -245,6 +271,23 @@ def check_data_flags() -> None:
         raise FlagError(f"--recall_ks must be positive, got {RECALL_KS.value}")
 
 
+def drift_deltas() -> list[int]:
+    """--drift_deltas as integers, checked against --drift_every_steps."""
+    try:
+        deltas = [int(dt) for dt in DRIFT_DELTAS.value]
+    except ValueError:
+        raise FlagError(
+            f"--drift_deltas must be integers, got {DRIFT_DELTAS.value}"
+        ) from None
+    every = DRIFT_EVERY.value
+    if not deltas or any(dt < 1 or dt % every for dt in deltas):
+        raise FlagError(
+            f"--drift_deltas={','.join(DRIFT_DELTAS.value)} must be positive "
+            f"multiples of --drift_every_steps={every}"
+        )
+    return deltas
+
+
 def recall_ks() -> list[int]:
     try:
         return [int(k) for k in RECALL_KS.value]
@@ -254,10 +297,24 @@ def recall_ks() -> list[int]:
         ) from None
 
 
-def load_splits() -> data.RetrievalSplits:
-    """Loads (indexes) the dataset and checks that the largest K fits it."""
+def vehicleid_test_sizes() -> list[str]:
+    """The VehicleID test sizes --vehicleid_test_size asks for."""
+    if VEHICLEID_TEST_SIZE.value == "all":
+        return list(data.VEHICLEID_TEST_LISTS)
+    return [VEHICLEID_TEST_SIZE.value]
+
+
+def load_splits(vehicleid_test_size: str | None = None) -> data.RetrievalSplits:
+    """Loads (indexes) the dataset and checks that the largest K fits it.
+
+    Args:
+        vehicleid_test_size: for --dataset=vehicleid, this test size instead of
+            --vehicleid_test_size.
+    """
     if TFDS.value:
         splits = data.load_tfds(TFDS_NAMES[DATASET.value], data_dir=DATA_DIR.value)
+    elif DATASET.value == "vehicleid" and vehicleid_test_size is not None:
+        splits = data.load_vehicleid(DATA_DIR.value, test_size=vehicleid_test_size)
     else:
         splits = LOADERS[DATASET.value](DATA_DIR.value, MAX_PER_CLASS.value)
     gallery = splits.test if splits.test is not None else splits.gallery

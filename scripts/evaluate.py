@@ -7,9 +7,11 @@ r"""Evaluates a trained embedding model with the dataset's retrieval protocol.
 
 --model is a SavedModel written by train.py (workdir/export) or a `.keras` file
 (workdir/checkpoints/last.keras). The Ks come from --recall_ks in the flagfile
-(CUB and Cars R@1/2/4/8; SOP R@1/10/100/1000; In-Shop R@1/10/20/30/40/50). The
-table is printed and written with a Recall@K curve and a retrieval grid to
---output_dir (default: a folder `evaluation` beside --model).
+(CUB and Cars R@1/2/4/8; SOP R@1/10/100/1000; In-Shop R@1/10/20/30/40/50;
+VehicleID R@1/5, with --vehicleid_test_size=all the Small, Medium and Large test
+lists as the columns of one table). The table is printed and written with a
+Recall@K curve and a retrieval grid to --output_dir (default: a folder
+`evaluation` beside --model).
 """
 
 from __future__ import annotations
@@ -67,8 +69,23 @@ def run() -> dict[str, float]:
     out_dir = _OUTPUT_DIR.value or os.path.join(
         os.path.dirname(os.path.abspath(model_path)), "evaluation"
     )
+    if (
+        common.DATASET.value == "vehicleid"
+        and common.VEHICLEID_TEST_SIZE.value == "all"
+    ):
+        return run_vehicleid_sizes(model_path, out_dir)
     splits = common.load_splits()
     model = load_model(model_path)
+    os.makedirs(out_dir, exist_ok=True)
+    metrics = evaluate_splits(model, splits, out_dir, "test")
+    print(f"\n{splits.describe()}", flush=True)
+    common.write_table({os.path.basename(model_path): metrics}, out_dir)
+    print(f"Wrote {out_dir}/retrieval.json and PNGs", flush=True)
+    return metrics
+
+
+def evaluate_splits(model, splits, out_dir: str, name: str) -> dict[str, float]:
+    """Embeds the evaluation split(s) with `model`; metrics and a grid PNG."""
     query, gallery = common.make_eval_datasets(splits)
     evaluation = RetrievalEvaluation(
         query,
@@ -77,12 +94,23 @@ def run() -> dict[str, float]:
         backend=common.EVAL_BACKEND.value,
         embedding_model=model,
     )
+    return common.evaluate_and_plot(evaluation.embed(), splits, out_dir, name)
+
+
+def run_vehicleid_sizes(model_path: str, out_dir: str) -> dict[str, dict]:
+    """--vehicleid_test_size=all: Small, Medium and Large in one table."""
+    sizes = common.vehicleid_test_sizes()
+    all_splits = {size: common.load_splits(size) for size in sizes}  # fail fast
+    model = load_model(model_path)
     os.makedirs(out_dir, exist_ok=True)
-    metrics = common.evaluate_and_plot(evaluation.embed(), splits, out_dir, "test")
-    print(f"\n{splits.describe()}", flush=True)
-    common.write_table({os.path.basename(model_path): metrics}, out_dir)
+    results = {}
+    for size, splits in all_splits.items():
+        results[size] = evaluate_splits(model, splits, out_dir, f"test_{size}")
+        print(f"{splits.test.describe()}", flush=True)
+    print(f"\nVehicleID, {os.path.basename(model_path)}:", flush=True)
+    common.write_table(results, out_dir)
     print(f"Wrote {out_dir}/retrieval.json and PNGs", flush=True)
-    return metrics
+    return results
 
 
 def main(argv):

@@ -7,7 +7,9 @@ Everything is written to --workdir: TensorBoard logs, a CSV log, the last model
 (checkpoints/last.keras), a backup that lets a killed run resume where it stopped
 (memory included: run the same command again), the Recall@K before and after
 training (recall.json, recall_curve.png, retrieval_grid.png), and the SavedModel
-of the embedding network in workdir/export.
+of the embedding network in workdir/export. With --drift_every_steps, the feature
+drift of a fixed probe set of training images (drift@dt in log.csv and TensorBoard,
+feature_drift.png).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from common import FlagError  # noqa: E402
 
 from xbm_tf import (  # noqa: E402
     ContrastiveLoss,
+    FeatureDrift,
     MultiSimilarityLoss,
     TripletLoss,
     XBMContrastiveModel,
     data,
+    plots,
 )
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
 from xbm_tf.distribute import (  # noqa: E402
@@ -61,6 +65,18 @@ def check_train_flags() -> None:
         )
     if common.STEPS.value < 1 or common.STEPS_PER_EPOCH.value < 1:
         raise FlagError("--steps and --steps_per_epoch must be positive")
+    if common.DRIFT_EVERY.value < 0 or common.DRIFT_PROBES.value < 1:
+        raise FlagError(
+            "--drift_every_steps must be >= 0 (0 = off) and --drift_probes >= 1"
+        )
+    if common.DRIFT_EVERY.value:
+        common.drift_deltas()
+    vehicleid = common.DATASET.value == "vehicleid"
+    if vehicleid and common.VEHICLEID_TEST_SIZE.value == "all":
+        raise FlagError(
+            "--vehicleid_test_size=all is for evaluate.py; train.py evaluates on "
+            "one test list (small, medium or large)"
+        )
     weights = common.WEIGHTS.value
     if weights.lower() not in ("imagenet", "none") and not os.path.isfile(weights):
         raise FlagError(
@@ -156,8 +172,29 @@ def build_model() -> XBMContrastiveModel:
     return model
 
 
-def make_callbacks(evaluation: RetrievalEvaluation, workdir: str) -> list:
-    """Evaluation first, so TensorBoard, the CSV log and checkpoints see its keys.
+def make_drift(splits: data.RetrievalSplits, model, workdir: str):
+    """The FeatureDrift callback of --drift_every_steps (None when 0)."""
+    if not common.DRIFT_EVERY.value:
+        return None
+    return FeatureDrift(
+        splits.train,
+        deltas=common.drift_deltas(),
+        every_n_steps=common.DRIFT_EVERY.value,
+        num_probes=common.DRIFT_PROBES.value,
+        seed=common.SEED.value,
+        log_dir=os.path.join(workdir, "tensorboard"),
+        embedding_model=model,
+        batch_size=common.EVAL_BATCH.value,
+        resize_size=common.RESIZE.value,
+        crop_size=common.CROP.value,
+        channels=common.CHANNELS.value,
+    )
+
+
+def make_callbacks(
+    evaluation: RetrievalEvaluation, workdir: str, drift: FeatureDrift | None = None
+) -> list:
+    """Evaluation and drift first, so TensorBoard, CSV log, checkpoints see them.
 
     TerminateOnNonFinite stops at the first non-finite loss, before any epoch-end
     callback saves the bad weights.
@@ -165,6 +202,7 @@ def make_callbacks(evaluation: RetrievalEvaluation, workdir: str) -> list:
     return [
         TerminateOnNonFinite(),
         evaluation,
+        *([drift] if drift is not None else []),
         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
         keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=True),
         keras.callbacks.ModelCheckpoint(
@@ -199,6 +237,7 @@ def run(extra_callbacks=()) -> dict:
         log_dir=os.path.join(workdir, "tensorboard"),
         embedding_model=model,
     )
+    drift = make_drift(splits, model, workdir)
     before = common.evaluate_and_plot(evaluation.embed(), splits, workdir, "before")
     steps_per_epoch = min(common.STEPS_PER_EPOCH.value, common.STEPS.value)
     epochs = -(-common.STEPS.value // steps_per_epoch)
@@ -206,7 +245,7 @@ def run(extra_callbacks=()) -> dict:
         train,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
-        callbacks=make_callbacks(evaluation, workdir) + list(extra_callbacks),
+        callbacks=make_callbacks(evaluation, workdir, drift) + list(extra_callbacks),
         verbose=common.verbose(),
         shuffle=False,  # the P x K stream is shuffled by its sampler
     )
@@ -215,6 +254,11 @@ def run(extra_callbacks=()) -> dict:
     last = evaluation.last_epoch_embeddings
     final = last[1] if last and last[0] == epochs - 1 else evaluation.embed()
     after = common.evaluate_and_plot(final, splits, workdir, "after")
+    if drift is not None and drift.series:
+        path = plots.plot_feature_drift(
+            drift.series, os.path.join(workdir, "feature_drift.png")
+        )
+        print(f"Wrote the feature drift to {path}", flush=True)
     print("\nRetrieval on the unseen test classes:", flush=True)
     common.write_table({"before": before, "after": after}, workdir)
     export_dir = os.path.join(workdir, "export")

@@ -166,3 +166,59 @@ def test_retrieval_grid_errors(tmp_path):
         plot_retrieval_grid(
             images, labels, images, labels, nn + [[0, 7]] * 4, tmp_path / "g.png", k=2
         )
+
+
+_C2 = (0x2C, 0xA0, 0x2C)  # matplotlib's third and fourth default line colours
+_C3 = (0xD6, 0x27, 0x28)
+
+
+def test_feature_drift_one_line_per_dt_on_a_log_axis(tmp_path):
+    from xbm_tf.plots import plot_feature_drift
+
+    steps = range(10, 210, 10)
+    series = [(s, dt, 0.5 * dt / s) for s in steps for dt in (10, 50, 100) if s >= dt]
+    path = plot_feature_drift(series, tmp_path / "d" / "drift.png", dpi=80)
+    img = _rgb255(path)
+    assert img.shape == (320, 512, 3)
+    for color in (_C0, _C1, _C2):  # three dt, three lines
+        assert _count(img, color) > 100, color
+    assert _count(img, _C3) == 0
+    # The same series with one dt fewer draws one colour fewer.
+    path = plot_feature_drift(
+        [item for item in series if item[1] != 100], tmp_path / "two.png", dpi=80
+    )
+    img = _rgb255(path)
+    assert _count(img, _C1) > 100 and _count(img, _C2) == 0
+
+
+def test_feature_drift_axes(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from xbm_tf.plots import plot_feature_drift
+
+    figures = []
+    original = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    series = [(10, 10, 0.2), (20, 10, 0.05), (20, 20, 0.3), (30, 10, 0.0)]
+    plot_feature_drift(series, tmp_path / "drift.png")
+    ax = figures[0].axes[0]
+    assert ax.get_yscale() == "log"
+    assert "iteration" in ax.get_xlabel() and "drift" in ax.get_ylabel()
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"dt = 10", "dt = 20"}
+    # The zero drift cannot sit on a log axis: it is left out of the line.
+    np.testing.assert_array_equal(lines["dt = 10"].get_xdata(), [10, 20])
+    np.testing.assert_array_equal(lines["dt = 10"].get_ydata(), [0.2, 0.05])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dt = 10", "dt = 20"]
+    # All zero (learning rate 0): a linear axis with the zeros drawn.
+    plot_feature_drift([(10, 10, 0.0), (20, 10, 0.0)], tmp_path / "zero.png")
+    assert figures[1].axes[0].get_yscale() == "linear"
+    with pytest.raises(ValueError, match="`series` is empty"):
+        plot_feature_drift([], tmp_path / "none.png")
+    with pytest.raises(ValueError, match=r"\(step, dt, value\) triples; item 0"):
+        plot_feature_drift([(1, 2)], tmp_path / "bad.png")

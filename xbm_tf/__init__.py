@@ -4,6 +4,7 @@ from xbm_tf import data, distribute, evaluation, losses, plots, retrieval
 from xbm_tf.backbones import build_embedding_model
 from xbm_tf.evaluation import map_at_r, r_precision, recall_at_k
 from xbm_tf.export import export_embedding_model, load_exported_embedder
+from xbm_tf.feature_drift import FeatureDrift
 from xbm_tf.losses import ContrastiveLoss, MultiSimilarityLoss, TripletLoss
 from xbm_tf.memory import CrossBatchMemory
 from xbm_tf.model import XBMContrastiveModel
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ContrastiveLoss",
     "CrossBatchMemory",
+    "FeatureDrift",
     "MultiSimilarityLoss",
     "RetrievalEvaluation",
     "TerminateOnNonFinite",

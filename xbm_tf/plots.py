@@ -13,7 +13,12 @@ import re
 
 import numpy as np
 
-__all__ = ["grid_layout", "plot_recall_curve", "plot_retrieval_grid"]
+__all__ = [
+    "grid_layout",
+    "plot_feature_drift",
+    "plot_recall_curve",
+    "plot_retrieval_grid",
+]
 
 GREEN = (0, 200, 0)
 RED = (220, 0, 0)
@@ -282,4 +287,77 @@ def plot_retrieval_grid(
             put(gallery[gi], row, col, GREEN if hit else RED)
     path = _parents(path)
     imsave(path, canvas, format="png")
+    return path
+
+
+def _drift_curves(series) -> dict[int, tuple[list[int], list[float]]]:
+    curves: dict[int, tuple[list[int], list[float]]] = {}
+    for n, item in enumerate(series):
+        if len(item) != 3:
+            raise ValueError(
+                f"`series` must hold (step, dt, value) triples; item {n} is {item!r}."
+            )
+        step, dt, value = item
+        steps, values = curves.setdefault(int(dt), ([], []))
+        steps.append(int(step))
+        values.append(float(value))
+    if not curves:
+        raise ValueError("`series` is empty: no drift was measured.")
+    return dict(sorted(curves.items()))
+
+
+def plot_feature_drift(
+    series,
+    path,
+    title: str | None = "Feature drift",
+    figsize: tuple[float, float] = (6.4, 4.0),
+    dpi: int = 100,
+) -> str:
+    """Writes the feature drift against the iteration as a PNG (paper's Fig. 3).
+
+    One line per `dt`, drift on a log y axis. Values that are not positive
+    (drift exactly 0) cannot sit on a log axis and are left out of the line;
+    if no value is positive the axis is linear.
+
+    Args:
+        series: `(step, dt, value)` triples, e.g. `FeatureDrift.series`.
+        path: output PNG path; parent directories are created.
+        title: figure title, or None.
+        figsize: figure size in inches; the PNG is `figsize * dpi` pixels.
+        dpi: resolution.
+
+    Returns:
+        `path` as a string.
+
+    Example:
+    >>> plot_feature_drift([(10, 10, 0.5), (20, 10, 0.1), (20, 20, 0.4)],
+    ...                    "/tmp/drift.png")
+    '/tmp/drift.png'
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = _drift_curves(series)
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    positive = any(v > 0 for _, values in curves.values() for v in values)
+    for dt, (steps, values) in curves.items():
+        steps, values = np.asarray(steps), np.asarray(values)
+        if positive:
+            keep = values > 0
+            steps, values = steps[keep], values[keep]
+        marker = "o" if len(steps) < 30 else None
+        ax.plot(steps, values, marker=marker, markersize=3, label=f"dt = {dt}")
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration (optimizer step)")
+    ax.set_ylabel("feature drift D(x, t; dt)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = _parents(path)
+    fig.savefig(path, dpi=dpi, format="png")
     return path

@@ -24,6 +24,11 @@ from xbm_tf.data.sampling import PKSampler
 from xbm_tf.data.sop import SOP_EXPECTED_COUNTS, load_sop
 from xbm_tf.data.splits import ImageSet, RetrievalSplits, remap_labels
 from xbm_tf.data.tfds_sources import TFDS_NAMES, load_tfds
+from xbm_tf.data.vehicleid import (
+    VEHICLEID_EXPECTED_COUNTS,
+    VEHICLEID_TEST_LISTS,
+    load_vehicleid,
+)
 
 __all__ = [
     "CARS196_EXPECTED_COUNTS",
@@ -38,6 +43,8 @@ __all__ = [
     "SOP_EXPECTED_COUNTS",
     "TFDS_NAMES",
     "TrainAugmentation",
+    "VEHICLEID_EXPECTED_COUNTS",
+    "VEHICLEID_TEST_LISTS",
     "drop_corrupt_images",
     "eval_dataset",
     "eval_transform",
@@ -48,6 +55,7 @@ __all__ = [
     "load_quickstart",
     "load_sop",
     "load_tfds",
+    "load_vehicleid",
     "remap_labels",
     "train_dataset",
 ]
