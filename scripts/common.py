@@ -107,6 +107,16 @@ RECALL_KS = flags.DEFINE_list("recall_ks", ["1", "2", "4", "8"], "Recall@K value
 VERBOSE = flags.DEFINE_enum(
     "verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity."
 )
+# Ablation (scripts/ablation.py): {without, with memory} x batch x memory x seed.
+BATCH_SIZES = flags.DEFINE_list(
+    "batch_sizes", None, "Ablation: batch sizes P x K (multiples of --k)."
+)
+MEMORY_SIZES = flags.DEFINE_list(
+    "memory_sizes",
+    None,
+    "Ablation: memory sizes of the runs with memory (default: --memory_size).",
+)
+SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Ablation: random seeds.")
 
 LOADERS = {
     "quickstart": lambda root, max_per_class: data.load_quickstart(
