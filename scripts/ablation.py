@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -226,7 +227,7 @@ def write_report(rows: list[dict], workdir: str, command: str) -> str:
 
 
 def run() -> list[dict]:
-    """Runs the ablation the flags describe; returns the recorded rows."""
+    """Runs the ablation the flags describe; returns the rows of its runs."""
     runs = plan()
     splits = common.load_splits()
     largest_p = max(r.p for r in runs)
@@ -276,10 +277,18 @@ def run() -> list[dict]:
             f"{elapsed:.0f} s, about {eta:.0f} s left",
             flush=True,
         )
-    rows = read_rows(csv_path)
+    planned = {r.name for r in runs}
+    rows = [row for row in read_rows(csv_path) if row["run"] in planned]
     command = "python " + " ".join(sys.argv)
     table = write_report(rows, workdir, command)
-    print(f"\n{table}\nWrote {csv_path}, ablation.md and ablation.png in {workdir}")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(
+        f"\n{table}\nWrote {csv_path}, ablation.md and ablation.png in {workdir}\n"
+        f"This invocation trained {len(todo)} runs in "
+        f"{time.perf_counter() - start:.0f} s wall, "
+        f"{children.ru_utime + children.ru_stime:.0f} s CPU (train.py processes)",
+        flush=True,
+    )
     return rows
 
 
