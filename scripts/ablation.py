@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from concurrent import futures  # noqa: E402
 
 import common  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -43,7 +44,7 @@ TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.p
 CSV_NAME = "ablation.csv"
 # Flags set per run, or that belong to the ablation itself: not in the base flags.
 _PER_RUN = ("workdir", "p", "seed", "memory_size", "xbm_weight", "overwrite")
-_ABLATION_FLAGS = ("batch_sizes", "memory_sizes", "seeds")
+_ABLATION_FLAGS = ("batch_sizes", "memory_sizes", "seeds", "jobs")
 _ROW_KEYS = ("run", "condition", "batch_size", "p", "k", "memory_size", "seed")
 _TIME_KEYS = ("train_seconds", "steps_per_second")
 
@@ -229,6 +230,8 @@ def write_report(rows: list[dict], workdir: str, command: str) -> str:
 def run() -> list[dict]:
     """Runs the ablation the flags describe; returns the rows of its runs."""
     runs = plan()
+    if common.JOBS.value < 1:
+        raise FlagError(f"--jobs={common.JOBS.value} must be at least 1")
     splits = common.load_splits()
     largest_p = max(r.p for r in runs)
     if largest_p > splits.num_train_classes:
@@ -250,33 +253,56 @@ def run() -> list[dict]:
     if len(todo) < len(runs):
         print(f"Skipping {len(runs) - len(todo)} runs already in {csv_path}")
     start = time.perf_counter()
+    labels = {}
     for i, item in enumerate(todo):
         run_dir = os.path.join(workdir, item.name)
         os.makedirs(run_dir, exist_ok=True)
-        flagfile = os.path.join(run_dir, "train.flags")
-        _write_or_check(flagfile, run_flag_lines(item, workdir), "a run")
-        label = (
-            f"[{i + 1}/{len(todo)}] {item.condition}, batch {item.batch_size} "
-            f"({item.p} x {item.k})"
+        _write_or_check(
+            os.path.join(run_dir, "train.flags"),
+            run_flag_lines(item, workdir),
+            "a run",
+        )
+        labels[item] = (
+            f"{item.condition}, batch {item.batch_size} ({item.p} x {item.k})"
             + (f", M={item.memory_size}" if item.memory_size else "")
             + f", seed {item.seed}"
         )
-        print(f"{label} ...", flush=True)
+
+    def launch(item: ablation.AblationRun) -> ablation.AblationRun:
+        run_dir = os.path.join(workdir, item.name)
+        print(f"started: {labels[item]}", flush=True)
         if not _finished(run_dir):  # else: finished but not yet recorded
-            train_one(flagfile, os.path.join(run_dir, "train.log"))
-        row = result_row(item, run_dir)
-        append_row(csv_path, row)
-        elapsed = time.perf_counter() - start
-        eta = elapsed / (i + 1) * (len(todo) - i - 1)
-        scores = ", ".join(
-            f"{m} {float(row[m]):.4f}" for m in ("recall@1", "map@r") if m in row
-        )
-        print(
-            f"{label}: {scores}; {float(row['train_seconds']):.0f} s train, "
-            f"{float(row['steps_per_second']):.1f} steps/s; elapsed "
-            f"{elapsed:.0f} s, about {eta:.0f} s left",
-            flush=True,
-        )
+            train_one(
+                os.path.join(run_dir, "train.flags"),
+                os.path.join(run_dir, "train.log"),
+            )
+        return item
+
+    with futures.ThreadPoolExecutor(max_workers=common.JOBS.value) as pool:
+        pending = [pool.submit(launch, item) for item in todo]
+        try:
+            for i, future in enumerate(futures.as_completed(pending)):
+                item = future.result()
+                row = result_row(item, os.path.join(workdir, item.name))
+                append_row(csv_path, row)
+                elapsed = time.perf_counter() - start
+                eta = elapsed / (i + 1) * (len(todo) - i - 1)
+                scores = ", ".join(
+                    f"{m} {float(row[m]):.4f}"
+                    for m in ("recall@1", "map@r")
+                    if m in row
+                )
+                print(
+                    f"[{i + 1}/{len(todo)}] {labels[item]}: {scores}; "
+                    f"{float(row['train_seconds']):.0f} s train, "
+                    f"{float(row['steps_per_second']):.1f} steps/s; elapsed "
+                    f"{elapsed:.0f} s, about {eta:.0f} s left",
+                    flush=True,
+                )
+        except BaseException:
+            for future in pending:  # start no more runs; running ones finish
+                future.cancel()
+            raise
     planned = {r.name for r in runs}
     rows = [row for row in read_rows(csv_path) if row["run"] in planned]
     command = "python " + " ".join(sys.argv)
@@ -284,7 +310,7 @@ def run() -> list[dict]:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(
         f"\n{table}\nWrote {csv_path}, ablation.md and ablation.png in {workdir}\n"
-        f"This invocation trained {len(todo)} runs in "
+        f"This invocation finished {len(todo)} runs in "
         f"{time.perf_counter() - start:.0f} s wall, "
         f"{children.ru_utime + children.ru_stime:.0f} s CPU (train.py processes)",
         flush=True,

@@ -117,6 +117,7 @@ MEMORY_SIZES = flags.DEFINE_list(
     "Ablation: memory sizes of the runs with memory (default: --memory_size).",
 )
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Ablation: random seeds.")
+JOBS = flags.DEFINE_integer("jobs", 1, "Ablation: train.py runs at a time.")
 
 LOADERS = {
     "quickstart": lambda root, max_per_class: data.load_quickstart(

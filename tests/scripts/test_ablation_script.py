@@ -56,9 +56,11 @@ def test_two_runs_write_all_files_and_a_restart_skips_them(
     parse, launches, tmp_path, capsys
 ):
     workdir = tmp_path / "ablation"
-    parse(f"--workdir={workdir}", "--batch_sizes=8", "--seeds=3")
+    # Two runs at a time: rows are appended as runs finish, in either order.
+    parse(f"--workdir={workdir}", "--batch_sizes=8", "--seeds=3", "--jobs=2")
     rows = ablation.run()
     assert len(launches) == 2  # without and with memory, one seed
+    rows = sorted(rows, key=lambda r: r["run"], reverse=True)
     assert [r["run"] for r in rows] == ["without_b8_s3", "with_b8_m40_s3"]
     without, with_memory = rows
     assert without["condition"] == "without memory" and without["memory_size"] == "0"
@@ -114,6 +116,7 @@ def test_two_runs_write_all_files_and_a_restart_skips_them(
     ablation.run()
     assert len(launches) == 2
     assert _rows(workdir) == rows_before
+    assert "Skipping 1 runs already in" in capsys.readouterr().out
 
     # Other base flags in the same workdir: refused before any run.
     parse(f"--workdir={workdir}", "--batch_sizes=8", "--seeds=3", "--steps=7")
@@ -135,6 +138,7 @@ def test_two_runs_write_all_files_and_a_restart_skips_them(
         (["--batch_sizes=8", "--memory_sizes=4"], "smaller than the largest batch"),
         (["--batch_sizes=8", "--xbm_weight=0"], "--xbm_weight=0.0"),
         ([], r"missing required flag\(s\): --batch_sizes"),
+        (["--batch_sizes=8", "--jobs=0"], "--jobs=0 must be at least 1"),
     ],
 )
 def test_bad_flags_fail_before_any_run(parse, launches, tmp_path, args, match):
