@@ -44,7 +44,7 @@ TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.p
 CSV_NAME = "ablation.csv"
 # Flags set per run, or that belong to the ablation itself: not in the base flags.
 _PER_RUN = ("workdir", "p", "seed", "memory_size", "xbm_weight", "overwrite")
-_ABLATION_FLAGS = ("batch_sizes", "memory_sizes", "seeds", "jobs")
+_ABLATION_FLAGS = ("batch_sizes", "memory_sizes", "seeds", "jobs", "report_only")
 _ROW_KEYS = ("run", "condition", "batch_size", "p", "k", "memory_size", "seed")
 _TIME_KEYS = ("train_seconds", "steps_per_second")
 
@@ -252,6 +252,8 @@ def run() -> list[dict]:
     todo = [r for r in runs if r.name not in done]
     if len(todo) < len(runs):
         print(f"Skipping {len(runs) - len(todo)} runs already in {csv_path}")
+    if common.REPORT_ONLY.value:  # record the finished runs, train nothing
+        todo = [r for r in todo if _finished(os.path.join(workdir, r.name))]
     start = time.perf_counter()
     labels = {}
     for i, item in enumerate(todo):

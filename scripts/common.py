@@ -118,6 +118,9 @@ MEMORY_SIZES = flags.DEFINE_list(
 )
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Ablation: random seeds.")
 JOBS = flags.DEFINE_integer("jobs", 1, "Ablation: train.py runs at a time.")
+REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Ablation: report the finished runs; train nothing."
+)
 
 LOADERS = {
     "quickstart": lambda root, max_per_class: data.load_quickstart(

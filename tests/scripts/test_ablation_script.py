@@ -118,6 +118,12 @@ def test_two_runs_write_all_files_and_a_restart_skips_them(
     assert _rows(workdir) == rows_before
     assert "Skipping 1 runs already in" in capsys.readouterr().out
 
+    # --report_only trains nothing and reports the recorded runs of the plan.
+    parse(f"--workdir={workdir}", "--batch_sizes=8", "--seeds=3,4", "--report_only")
+    assert ablation.run() == rows_before
+    assert len(launches) == 2
+    assert not (workdir / "without_b8_s4").exists()
+
     # Other base flags in the same workdir: refused before any run.
     parse(f"--workdir={workdir}", "--batch_sizes=8", "--seeds=3", "--steps=7")
     with pytest.raises(FlagError, match="ablation_base.flags holds an ablation"):
