@@ -184,6 +184,20 @@ DRIFT_PROBES = flags.DEFINE_integer(
 VERBOSE = flags.DEFINE_enum(
     "verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity."
 )
+# Ablation (scripts/ablation.py): {without, with memory} x batch x memory x seed.
+BATCH_SIZES = flags.DEFINE_list(
+    "batch_sizes", None, "Ablation: batch sizes P x K (multiples of --k)."
+)
+MEMORY_SIZES = flags.DEFINE_list(
+    "memory_sizes",
+    None,
+    "Ablation: memory sizes of the runs with memory (default: --memory_size).",
+)
+SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Ablation: random seeds.")
+JOBS = flags.DEFINE_integer("jobs", 1, "Ablation: train.py runs at a time.")
+REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Ablation: report the finished runs; train nothing."
+)
 
 LOADERS = {
     "quickstart": lambda root, max_per_class: data.load_quickstart(

@@ -14,7 +14,9 @@ feature_drift.png).
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -212,6 +214,27 @@ def make_callbacks(
     ]
 
 
+class FitTimer(keras.callbacks.Callback):
+    """Times `fit` (after any resume) and writes `timing.json` when it ends."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+        self.start_step = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_end(self, logs=None):
+        seconds = time.perf_counter() - self.start
+        steps = int(self.model.optimizer.iterations.numpy()) - self.start_step
+        timing = dict(train_seconds=seconds, steps=steps, steps_per_second=0.0)
+        if seconds > 0:
+            timing["steps_per_second"] = steps / seconds
+        with open(self.path, "w") as f:
+            json.dump(timing, f, indent=2)
+
+
 def run(extra_callbacks=()) -> dict:
     """Trains as the flags say; returns the final metrics."""
     check_train_flags()
@@ -245,7 +268,9 @@ def run(extra_callbacks=()) -> dict:
         train,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
-        callbacks=make_callbacks(evaluation, workdir, drift) + list(extra_callbacks),
+        callbacks=make_callbacks(evaluation, workdir, drift)
+        + list(extra_callbacks)
+        + [FitTimer(os.path.join(workdir, "timing.json"))],
         verbose=common.verbose(),
         shuffle=False,  # the P x K stream is shuffled by its sampler
     )

@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "grid_layout",
+    "plot_ablation",
     "plot_feature_drift",
     "plot_recall_curve",
     "plot_retrieval_grid",
@@ -357,6 +358,117 @@ def plot_feature_drift(
     ax.legend(loc="best")
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    path = _parents(path)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def plot_ablation(
+    summary,
+    path,
+    metrics: tuple[str, ...] = ("recall@1", "map@r"),
+    title: str | None = None,
+    dpi: int = 100,
+) -> str:
+    """Writes the paper's Fig. 1 for a memory ablation as a PNG.
+
+    The first row has one panel per metric against the batch size (log-2 axis):
+    one line without memory and one with memory per memory size, with error bars
+    of one standard deviation over seeds. When the runs with memory have more than
+    one memory size, a second row shows each metric against the memory size (log-2
+    axis) at the smallest batch size, with the no-memory value at that batch size
+    as a dashed line.
+
+    Args:
+        summary: the output of `xbm_tf.ablation.aggregate(rows, metrics)`: dicts
+            with `condition`, `batch_size`, `memory_size` and `<metric>_mean`,
+            `<metric>_std` (NaN std draws no error bar). Values in [0, 1].
+        path: output PNG path; parent directories are created.
+        metrics: the metrics to draw, one column of panels each.
+        title: figure title.
+        dpi: resolution; the PNG is `(4.2 * len(metrics)) x (3.4 * rows)` inches.
+
+    Returns:
+        `path` as a string.
+
+    Example:
+    >>> s = [dict(condition=c, batch_size=b, memory_size=m,
+    ...           **{"recall@1_mean": v, "recall@1_std": 0.01})
+    ...      for c, b, m, v in [("without memory", 16, 0, 0.5),
+    ...                         ("with memory", 16, 64, 0.6)]]
+    >>> plot_ablation(s, "/tmp/ablation.png", metrics=("recall@1",))
+    '/tmp/ablation.png'
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    summary = list(summary)
+    if not summary:
+        raise ValueError("`summary` is empty.")
+    missing = [
+        f"{m}_mean" for m in metrics if any(f"{m}_mean" not in s for s in summary)
+    ]
+    if missing:
+        raise ValueError(f"`summary` entries lack {sorted(set(missing))}.")
+    with_memory = [s for s in summary if s["condition"] == "with memory"]
+    without = [s for s in summary if s["condition"] == "without memory"]
+    memory_sizes = sorted({int(s["memory_size"]) for s in with_memory})
+    rows = 2 if len(memory_sizes) > 1 else 1
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4 * rows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, len(metrics), squeeze=False)
+
+    def draw(ax, entries, x_key, metric, **style):
+        entries = sorted(entries, key=lambda s: s[x_key])
+        xs = [s[x_key] for s in entries]
+        ys = [100.0 * s[f"{metric}_mean"] for s in entries]
+        errors = [100.0 * s.get(f"{metric}_std", math.nan) for s in entries]
+        errors = [0.0 if math.isnan(e) else e for e in errors]
+        ax.errorbar(xs, ys, yerr=errors, capsize=3, marker="o", **style)
+
+    def log2_axis(ax, values, label):
+        values = sorted(set(values))
+        if values[-1] > values[0]:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(values, [str(v) for v in values])
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.3)
+
+    smallest = min(s["batch_size"] for s in summary)
+    for column, metric in enumerate(metrics):
+        name = metric.replace("recall@", "R@").replace("map@r", "MAP@R")
+        ax = axes[0, column]
+        if without:
+            draw(ax, without, "batch_size", metric, label="without memory")
+        for size in memory_sizes:
+            label = "with memory" + (f" (M={size})" if len(memory_sizes) > 1 else "")
+            entries = [s for s in with_memory if s["memory_size"] == size]
+            draw(ax, entries, "batch_size", metric, label=label)
+        log2_axis(ax, [s["batch_size"] for s in summary], "batch size")
+        ax.set_ylabel(f"{name} (%)")
+        ax.legend(fontsize=8)
+        if rows == 2:
+            ax = axes[1, column]
+            at_batch = [s for s in with_memory if s["batch_size"] == smallest]
+            draw(ax, at_batch, "memory_size", metric, label="with memory", color="C1")
+            base = [s for s in without if s["batch_size"] == smallest]
+            if base:
+                ax.axhline(
+                    100.0 * base[0][f"{metric}_mean"],
+                    color="C0",
+                    linestyle="--",
+                    label="without memory",
+                )
+            log2_axis(ax, [s["memory_size"] for s in at_batch], "memory size M")
+            ax.set_title(f"batch {smallest}", fontsize=9)
+            ax.set_ylabel(f"{name} (%)")
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = _parents(path)
     fig.savefig(path, dpi=dpi, format="png")
