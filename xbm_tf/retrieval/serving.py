@@ -320,8 +320,10 @@ def _sort_by_score_then_row(rows, scores):
     return tf.gather(rows, order, batch_dims=1), tf.gather(scores, order, batch_dims=1)
 
 
-def _make_search(state, ids, k, dim, num_items, exact):
+def _make_search(state, ids, k, gallery, exact):
     """The in-graph search: `(B, dim)` queries -> dict of ids and scores."""
+    num_items, dim = gallery.shape
+    max_norm = float(np.sqrt(np.einsum("ij,ij->i", gallery, gallery).max()))
     scann_ops = _scann_ops()
     candidates = min(num_items, k + _TIE_MARGIN) if exact else k
     # Relative bound of the float32 rounding of a dim-term dot product, doubled
@@ -343,8 +345,7 @@ def _make_search(state, ids, k, dim, num_items, exact):
         top_rows, top_scores = rows[:, :k], scores[:, :k]
         if exact and candidates < num_items:
             gallery = tf.reshape(state.dataset, [-1, dim])
-            g_norm = tf.reduce_max(tf.norm(gallery, axis=1))
-            eps = unit * tf.norm(queries, axis=1) * g_norm + 1e-30
+            eps = unit * tf.norm(queries, axis=1) * max_norm + 1e-30
             cut = scores[:, -1] >= scores[:, k - 1] - eps
             redo = tf.where(cut)[:, 0]
 
@@ -451,7 +452,7 @@ def export_retrieval_model(
     searcher = _build_searcher(embeddings, index, k, *options)
     state = searcher.serialize_to_module()
     id_table = tf.Variable(ids, trainable=False, name="ids")
-    search = _make_search(state, id_table, k, dim, num_items, index == "brute_force")
+    search = _make_search(state, id_table, k, embeddings, index == "brute_force")
 
     def serve(images):
         embedded = network(images)
