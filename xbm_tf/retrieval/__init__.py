@@ -1,7 +1,8 @@
-"""Retrieval with a trained model: the retrieval SavedModel (ScaNN index inside)."""
+"""Retrieval with a trained model: a SavedModel with a ScaNN index, a Projector view."""
 
 from __future__ import annotations
 
+from xbm_tf.retrieval.projector import write_projector
 from xbm_tf.retrieval.serving import (
     INDEX_TYPES,
     RetrievalModel,
@@ -16,4 +17,5 @@ __all__ = [
     "embed_gallery",
     "export_retrieval_model",
     "load_retrieval_model",
+    "write_projector",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "embed_gallery",
     "export_retrieval_model",
     "load_retrieval_model",
+    "tree_ah_options",
 ]
 
 INDEX_TYPES = ("brute_force", "tree_ah")
@@ -273,7 +274,31 @@ def _check_embeddings(gallery: np.ndarray, dim) -> np.ndarray:
     return gallery
 
 
-def _tree_ah_options(num_items, num_leaves, leaves_to_search, reorder):
+def tree_ah_options(
+    num_items: int,
+    num_leaves: int | None = None,
+    leaves_to_search: int | None = None,
+    reorder: int | None = None,
+) -> tuple[int, int, int]:
+    """The `tree_ah` settings for a gallery: defaults filled in, then checked.
+
+    Args:
+        num_items: gallery size N.
+        num_leaves: partitions; default `sqrt(N)`, at most N / 50 (at least 1).
+        leaves_to_search: partitions searched per query; default 5% of them.
+        reorder: candidates re-scored exactly per query; default 100.
+
+    Returns:
+        `(num_leaves, leaves_to_search, reorder)`.
+
+    Raises:
+        ValueError: a value that is not a positive integer, or more leaves to
+            search than leaves.
+
+    Example:
+        >>> tree_ah_options(1_000_000)
+        (1000, 50, 100)
+    """
     if num_leaves is None:
         num_leaves = max(1, min(int(round(math.sqrt(num_items))), num_items // 50))
     if leaves_to_search is None:
@@ -448,7 +473,7 @@ def export_retrieval_model(
     ids = _check_ids(ids, num_items)
     options = (None, None, None)
     if index == "tree_ah":
-        options = _tree_ah_options(num_items, num_leaves, leaves_to_search, reorder)
+        options = tree_ah_options(num_items, num_leaves, leaves_to_search, reorder)
     searcher = _build_searcher(embeddings, index, k, *options)
     state = searcher.serialize_to_module()
     id_table = tf.Variable(ids, trainable=False, name="ids")
