@@ -207,8 +207,8 @@ def main():
     queries = queries_near(classes, args.queries, DIM, 1)
     tuning = queries_near(classes, 2000, DIM, 2)
     start = time.perf_counter()
-    exact, _ = nearest_neighbors(queries, gallery, K, "exact", block_size=64)
-    exact_tuning, _ = nearest_neighbors(tuning, gallery, K, "exact", block_size=64)
+    exact, _ = nearest_neighbors(queries, gallery, K, "exact", block_size=256)
+    exact_tuning, _ = nearest_neighbors(tuning, gallery, K, "exact", block_size=256)
     print(f"exact ground truth: {time.perf_counter() - start:.1f} s", flush=True)
 
     print(f"tuning tree_ah, num_leaves={args.num_leaves}:", flush=True)
