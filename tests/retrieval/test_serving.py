@@ -98,6 +98,20 @@ def test_brute_force_export_in_a_fresh_process_equals_exact_search(model, tmp_pa
     np.testing.assert_allclose(out["served_scores"], scores, rtol=0, atol=1e-6)
 
 
+def test_exact_fallback_equals_exact_search(model, tmp_path, monkeypatch):
+    from xbm_tf.retrieval import serving
+
+    # Without extra candidates every query's k-th score reaches the end of
+    # ScaNN's list, so every query is searched again by the exact fallback.
+    monkeypatch.setattr(serving, "_TIE_MARGIN", 0)
+    tied, queries = _tied_gallery()
+    path = export_retrieval_model(model, tied, tmp_path / "r", k=5)
+    out = load_retrieval_model(path).search_embeddings(queries)
+    idx, scores = nearest_neighbors(queries, tied, k=5, backend="exact")
+    np.testing.assert_array_equal(out["ids"], idx)
+    np.testing.assert_array_equal(out["scores"], scores)
+
+
 def test_tree_ah_recall_against_exact_search(model, tmp_path):
     gallery = _clustered(5000, DIM, 50, seed=4)
     queries = _clustered(300, DIM, 50, seed=5)
