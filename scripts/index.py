@@ -139,7 +139,7 @@ def gallery_set() -> tuple[data.ImageSet, dict]:
     splits = common.load_splits()
     source = {
         "dataset": common.DATASET.value,
-        "data_dir": common.DATA_DIR.value,
+        "data_dir": common.DATA_DIR.value and os.path.abspath(common.DATA_DIR.value),
         "tfds": common.TFDS.value,
         "max_per_class": common.MAX_PER_CLASS.value,
         "split": _SPLIT.value,
