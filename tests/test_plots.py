@@ -222,3 +222,23 @@ def test_feature_drift_axes(tmp_path, monkeypatch):
         plot_feature_drift([], tmp_path / "none.png")
     with pytest.raises(ValueError, match=r"\(step, dt, value\) triples; item 0"):
         plot_feature_drift([(1, 2)], tmp_path / "bad.png")
+
+
+def test_retrieval_grid_without_labels_frames_results_neutral(tmp_path):
+    from xbm_tf.plots import NEUTRAL
+
+    query, gallery = _images(2, 60), _images(5, 20)
+    nn = np.array([[0, 3, 4], [2, 1, 0]])
+    path = plot_retrieval_grid(
+        query, None, gallery, None, nn, tmp_path / "g.png", k=3, scale=2
+    )
+    img = _rgb255(path)
+    _, _, tile_h, tile_w, origin = grid_layout((6, 5), 2, 3, 2, 4, 4)
+    for row in range(2):
+        assert tuple(img[origin(row, 0)]) == QUERY_FRAME
+        for col in range(1, 4):
+            y, x = origin(row, col)
+            assert tuple(img[y, x]) == NEUTRAL
+            center = img[y + tile_h // 2, x + tile_w // 2]
+            assert tuple(center) == (nn[row, col - 1] * 20,) * 3
+    assert _count(img, GREEN) == 0 and _count(img, RED) == 0

@@ -9,6 +9,7 @@ from xbm_tf.losses import ContrastiveLoss, MultiSimilarityLoss, TripletLoss
 from xbm_tf.memory import CrossBatchMemory
 from xbm_tf.model import XBMContrastiveModel
 from xbm_tf.optimization import make_optimizer
+from xbm_tf.retrieval import export_retrieval_model, load_retrieval_model
 from xbm_tf.retrieval_callback import RetrievalEvaluation
 from xbm_tf.terminate_on_nonfinite import TerminateOnNonFinite
 
@@ -29,7 +30,9 @@ __all__ = [
     "distribute",
     "evaluation",
     "export_embedding_model",
+    "export_retrieval_model",
     "load_exported_embedder",
+    "load_retrieval_model",
     "losses",
     "make_optimizer",
     "map_at_r",

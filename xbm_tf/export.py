@@ -24,8 +24,10 @@ import tensorflow as tf
 __all__ = [
     "INPUT_KEY",
     "OUTPUT_KEY",
+    "check_export_dir",
     "export_embedding_model",
     "load_exported_embedder",
+    "write_atomically",
 ]
 
 INPUT_KEY = "images"
@@ -99,16 +101,7 @@ def export_embedding_model(
         raise ValueError(
             f"input_shape must be (height, width, channels), got {input_shape}."
         )
-    if os.path.exists(export_dir):
-        if not os.path.isdir(export_dir):
-            raise FileExistsError(
-                f"Export path {export_dir} exists and is not a directory."
-            )
-        if os.listdir(export_dir) and not overwrite:
-            raise FileExistsError(
-                f"Export directory {export_dir} already exists and is not empty; "
-                "pass overwrite=True to replace it."
-            )
+    check_export_dir(export_dir, overwrite)
 
     def serve(images):
         embeddings = embedding_model(_to_float32(images), training=False)
@@ -125,12 +118,73 @@ def export_embedding_model(
         ],
     )
 
+    return write_atomically(
+        export_dir, lambda staging: archive.write_out(staging, verbose=False)
+    )
+
+
+def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> str:
+    """Checks that `export_dir` may be written; returns its absolute path.
+
+    Args:
+        export_dir: the directory an export will be written to.
+        overwrite: whether an existing non-empty directory may be replaced.
+
+    Returns:
+        The absolute path of `export_dir`.
+
+    Raises:
+        FileExistsError: `export_dir` is a file, or a non-empty directory and
+            `overwrite` is False.
+
+    Example:
+        >>> check_export_dir("/tmp/new_export", overwrite=False)
+        '/tmp/new_export'
+    """
+    export_dir = os.path.abspath(os.fspath(export_dir))
+    if os.path.exists(export_dir):
+        if not os.path.isdir(export_dir):
+            raise FileExistsError(
+                f"Export path {export_dir} exists and is not a directory."
+            )
+        if os.listdir(export_dir) and not overwrite:
+            raise FileExistsError(
+                f"Export directory {export_dir} already exists and is not empty; "
+                "pass overwrite=True to replace it."
+            )
+    return export_dir
+
+
+def write_atomically(
+    export_dir: str | os.PathLike, write: Callable[[str], object]
+) -> str:
+    """Runs `write(staging_dir)`, then moves the staging directory to `export_dir`.
+
+    The staging directory is a fresh path beside `export_dir`, so a failed
+    `write` leaves no partial directory, and an existing `export_dir` is
+    replaced only once the new one is complete (and restored if the final move
+    fails). Check `export_dir` with `check_export_dir` first. Local paths only
+    (the move is a rename).
+
+    Args:
+        export_dir: the final directory.
+        write: writes the whole export into the (not yet existing) path it is
+            given.
+
+    Returns:
+        The absolute path of `export_dir`.
+
+    Example:
+        >>> write_atomically("/tmp/out", lambda d: os.makedirs(d))
+        '/tmp/out'
+    """
+    export_dir = os.path.abspath(os.fspath(export_dir))
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
     suffix = uuid.uuid4().hex[:8]
     staging = f"{export_dir}.tmp-{suffix}"
     try:
-        archive.write_out(staging, verbose=False)
+        write(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

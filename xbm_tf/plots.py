@@ -24,6 +24,7 @@ __all__ = [
 GREEN = (0, 200, 0)
 RED = (220, 0, 0)
 QUERY_FRAME = (40, 90, 220)
+NEUTRAL = (150, 150, 150)
 BACKGROUND = (255, 255, 255)
 _RECALL_KEY = re.compile(r"(?:.*_)?recall@(\d+)")
 
@@ -188,7 +189,8 @@ def plot_retrieval_grid(
     """Writes a PNG grid: each row a query, then its top-`k` retrieved images.
 
     The query is framed blue; a retrieved image of the query's class is framed
-    green, any other red. The pixel layout is exact (see `grid_layout`): tiles of
+    green, any other red (grey for all when the labels are unknown, `None`).
+    The pixel layout is exact (see `grid_layout`): tiles of
     `H * scale + 2 * border` by `W * scale + 2 * border` pixels, `pad` pixels
     apart, with a wider gap after the query column.
 
@@ -196,10 +198,10 @@ def plot_retrieval_grid(
         query_images: `(Q, H, W)`, `(Q, H, W, 1)` or `(Q, H, W, 3)` images, uint8
             or float in [0, 1] or [0, 255] (float arrays with negative values are
             rescaled from their min-max range).
-        query_labels: `(Q,)` labels.
+        query_labels: `(Q,)` labels, or `None` if unknown (e.g. a search).
         gallery_images: gallery images, same layout; for leave-one-out pass the
             query arrays again.
-        gallery_labels: `(G,)` labels.
+        gallery_labels: `(G,)` labels, or `None` if unknown.
         neighbor_indices: `(Q, >= k)` gallery indices by rank, e.g. from
             `xbm_tf.evaluation.nearest_neighbors`.
         path: output PNG path; parent directories are created.
@@ -225,6 +227,10 @@ def plot_retrieval_grid(
 
     queries = _to_rgb_uint8(query_images, "query_images")
     gallery = _to_rgb_uint8(gallery_images, "gallery_images")
+    labelled = query_labels is not None and gallery_labels is not None
+    if not labelled:  # Unknown labels: every frame is neutral.
+        query_labels = np.full(len(queries), -1)
+        gallery_labels = np.full(len(gallery), -2)
     query_labels = np.asarray(query_labels).reshape(-1)
     gallery_labels = np.asarray(gallery_labels).reshape(-1)
     nn = np.asarray(neighbor_indices)
@@ -285,7 +291,8 @@ def plot_retrieval_grid(
         put(queries[qi], row, 0, QUERY_FRAME)
         for col, gi in enumerate(shown[row], start=1):
             hit = gallery_labels[gi] == query_labels[qi]
-            put(gallery[gi], row, col, GREEN if hit else RED)
+            color = (GREEN if hit else RED) if labelled else NEUTRAL
+            put(gallery[gi], row, col, color)
     path = _parents(path)
     imsave(path, canvas, format="png")
     return path

@@ -42,7 +42,9 @@ def _loss_and_grad(fn, q, ql, k, kl, mask, own, weights, margin=0.3, jit=False):
     def run(q):
         with tf.GradientTape() as tape:
             tape.watch(q)
-            losses = fn(q, ql, k, kl, key_mask=mask, query_key_index=own, neg_margin=margin)
+            losses = fn(
+                q, ql, k, kl, key_mask=mask, query_key_index=own, neg_margin=margin
+            )
             total = tf.reduce_sum(losses * weights)
         return losses, tape.gradient(total, q)
 
@@ -146,7 +148,9 @@ def test_keys_are_constants_and_bad_dtype_is_named():
 def test_memory_pair_loss_routes_contrastive_to_the_fused_loss():
     q, ql, k, kl, mask, own = _problem(5)
     k_half = tf.cast(k, "bfloat16")
-    got = memory_pair_loss(ContrastiveLoss(neg_margin=0.2), q, ql, k_half, kl, mask, own)
+    got = memory_pair_loss(
+        ContrastiveLoss(neg_margin=0.2), q, ql, k_half, kl, mask, own
+    )
     want = fused_contrastive_loss(q, ql, k_half, kl, mask, own, neg_margin=0.2)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # Other losses read the memory cast to float32: exactly their own function.

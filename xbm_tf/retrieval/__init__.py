@@ -8,6 +8,10 @@
   `metrics_from_neighbors`.
 - `callback`: the `RetrievalEvaluation` Keras callback and `embed_dataset`.
 - `inputs`: argument checks shared by all of them.
+- `serving`: retrieval with a trained model, a SavedModel holding the embedding
+  network, a ScaNN index and the gallery ids (`export_retrieval_model`,
+  `load_retrieval_model`).
+- `projector`: a TensorBoard Projector view of a gallery.
 """
 
 from __future__ import annotations
@@ -26,17 +30,31 @@ from xbm_tf.retrieval.metrics import (
     recall_at_k,
     retrieval_metrics,
 )
+from xbm_tf.retrieval.projector import write_projector
+from xbm_tf.retrieval.serving import (
+    INDEX_TYPES,
+    RetrievalModel,
+    embed_gallery,
+    export_retrieval_model,
+    load_retrieval_model,
+)
 
 __all__ = [
     "APPROXIMATE_ENGINES",
     "ENGINES",
     "EXACT_ENGINES",
+    "INDEX_TYPES",
     "RetrievalEvaluation",
+    "RetrievalModel",
     "embed_dataset",
+    "embed_gallery",
+    "export_retrieval_model",
+    "load_retrieval_model",
     "map_at_r",
     "metrics_from_neighbors",
     "nearest_neighbors",
     "r_precision",
     "recall_at_k",
     "retrieval_metrics",
+    "write_projector",
 ]

@@ -1,0 +1,257 @@
+"""Tests for xbm_tf.retrieval.serving: the retrieval SavedModel with ScaNN inside."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from xbm_tf.backbones import build_embedding_model
+from xbm_tf.evaluation import nearest_neighbors
+from xbm_tf.retrieval import (
+    embed_gallery,
+    export_retrieval_model,
+    load_retrieval_model,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHAPE = (12, 12, 1)
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_embedding_model("tiny", DIM, input_shape=SHAPE)
+
+
+def _tied_gallery(seed=0):
+    """Embeddings on a 1/8 grid (every dot product is exact in float32) with
+    duplicated rows at scattered places, and one group of 40 equal rows (more
+    than k + 16, so ScaNN's candidates cannot hold the whole tie)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(-2, 3, size=(150, DIM)) / 8.0
+    rows = np.concatenate([base, base[:60], base[:30], np.repeat(base[:1] * 2, 40, 0)])
+    rows = rows[rng.permutation(len(rows))].astype(np.float32)
+    other = rng.integers(-2, 3, (9, DIM)) / 8
+    queries = np.concatenate([base[:40], base[:1] * 2, other])
+    return rows, queries.astype(np.float32)
+
+
+def _clustered(n, dim, clusters, seed, noise=0.35):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim))
+    x = centers[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_brute_force_export_in_a_fresh_process_equals_exact_search(model, tmp_path):
+    tied, tied_queries = _tied_gallery()
+    random_gallery = _clustered(500, DIM, 20, seed=1)
+    random_queries = _clustered(60, DIM, 20, seed=2)
+    images = np.random.default_rng(3).uniform(0, 255, (7, *SHAPE)).astype("float32")
+    for name, gallery in [("tied", tied), ("random", random_gallery)]:
+        export_retrieval_model(model, gallery, tmp_path / name, k=5)
+    np.save(tmp_path / "tied_q.npy", tied_queries)
+    np.save(tmp_path / "random_q.npy", random_queries)
+    np.save(tmp_path / "images.npy", images)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from xbm_tf.retrieval import load_retrieval_model
+        out = {{}}
+        for name in ("tied", "random"):
+            m = load_retrieval_model({str(tmp_path)!r} + "/" + name)
+            q = np.load({str(tmp_path)!r} + f"/{{name}}_q.npy")
+            for key, value in m.search_embeddings(q).items():
+                out[f"{{name}}_{{key}}"] = value
+        served = m(np.load({str(tmp_path)!r} + "/images.npy"))
+        out.update({{"served_" + k: v for k, v in served.items()}})
+        np.savez({str(tmp_path)!r} + "/out.npz", **out)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="-1")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+
+    idx, scores = nearest_neighbors(tied_queries, tied, k=5, backend="exact")
+    # Ties straddle the 5th place (duplicates) and fill it (the 40-row group).
+    assert (scores[:, 4] == scores[:, 3]).sum() >= 10
+    np.testing.assert_array_equal(out["tied_ids"], idx)
+    np.testing.assert_array_equal(out["tied_scores"], scores)  # exact on the grid
+
+    idx, scores = nearest_neighbors(random_queries, random_gallery, 5, "exact")
+    np.testing.assert_array_equal(out["random_ids"], idx)
+    np.testing.assert_allclose(out["random_scores"], scores, rtol=0, atol=1e-6)
+
+    embeddings = out["served_embeddings"]
+    np.testing.assert_allclose(embeddings, model.predict(images, verbose=0), atol=1e-5)
+    idx, scores = nearest_neighbors(embeddings, random_gallery, 5, "exact")
+    np.testing.assert_array_equal(out["served_ids"], idx)
+    np.testing.assert_allclose(out["served_scores"], scores, rtol=0, atol=1e-6)
+
+
+def test_exact_fallback_equals_exact_search(model, tmp_path, monkeypatch):
+    from xbm_tf.retrieval import serving
+
+    # Without extra candidates every query's k-th score reaches the end of
+    # ScaNN's list, so every query is searched again by the exact fallback.
+    monkeypatch.setattr(serving, "_TIE_MARGIN", 0)
+    tied, queries = _tied_gallery()
+    path = export_retrieval_model(model, tied, tmp_path / "r", k=5)
+    out = load_retrieval_model(path).search_embeddings(queries)
+    idx, scores = nearest_neighbors(queries, tied, k=5, backend="exact")
+    np.testing.assert_array_equal(out["ids"], idx)
+    np.testing.assert_array_equal(out["scores"], scores)
+
+
+def test_tree_ah_recall_against_exact_search(model, tmp_path):
+    gallery = _clustered(5000, DIM, 50, seed=4)
+    queries = _clustered(300, DIM, 50, seed=5)
+    path = export_retrieval_model(model, gallery, tmp_path / "ah", 10, index="tree_ah")
+    searcher = load_retrieval_model(path)
+    assert (searcher.index, searcher.k, searcher.num_items) == ("tree_ah", 10, 5000)
+    out = searcher.search_embeddings(queries)
+    exact, _ = nearest_neighbors(queries, gallery, k=10, backend="exact")
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(out["ids"], exact)])
+    assert 0.9 <= recall < 1.0, recall  # approximate, and good
+    # Results are exactly re-scored and sorted.
+    true = np.einsum("qd,qkd->qk", queries, gallery[out["ids"]])
+    np.testing.assert_allclose(out["scores"], true, atol=1e-5)
+    assert (np.diff(out["scores"], axis=1) <= 0).all()
+    # More leaves searched: better recall.
+    path = export_retrieval_model(
+        model, gallery, tmp_path / "wide", 10, index="tree_ah", leaves_to_search=30
+    )
+    wide = load_retrieval_model(path).search_embeddings(queries)["ids"]
+    wide_recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(wide, exact)])
+    assert wide_recall > recall
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [f"/data/gällery/img_{i:03d}.jpg" for i in range(40)],
+        np.arange(40, dtype=np.int64) * 10**12 + 7,  # product ids beyond int32
+    ],
+    ids=["paths", "large_ints"],
+)
+def test_ids_round_trip(model, tmp_path, ids):
+    gallery = _clustered(40, DIM, 5, seed=6)
+    path = export_retrieval_model(model, gallery, tmp_path / "r", k=3, ids=ids)
+    out = load_retrieval_model(path).search_embeddings(gallery[:6])
+    rows, _ = nearest_neighbors(gallery[:6], gallery, k=3, backend="exact")
+    expected = np.asarray(ids, dtype=object)[rows]
+    assert out["ids"].tolist() == expected.tolist()
+    is_int = isinstance(ids, np.ndarray)
+    assert out["ids"].dtype == (np.int64 if is_int else object)
+
+
+def test_default_ids_are_row_numbers_and_images_are_embedded(model, tmp_path):
+    images = np.random.default_rng(7).uniform(0, 255, (30, *SHAPE)).astype("float32")
+    path = export_retrieval_model(model, images, tmp_path / "r", k=4)
+    searcher = load_retrieval_model(path)
+    out = searcher(images[:5])
+    embeddings = model.predict(images, verbose=0)
+    rows, _ = nearest_neighbors(out["embeddings"], embeddings, k=4, backend="exact")
+    np.testing.assert_array_equal(out["ids"], rows)
+    assert out["ids"][:, 0].tolist() == [0, 1, 2, 3, 4]  # each image finds itself
+    assert searcher(images[:0])["ids"].shape == (0, 4)
+
+
+def test_embed_gallery_from_dataset_keeps_labels_and_thumbnails(model):
+    import tensorflow as tf
+
+    images = np.random.default_rng(8).uniform(0, 255, (10, *SHAPE)).astype("float32")
+    labels = np.arange(10) % 3
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    emb, got_labels, thumbs = embed_gallery(model, ds, thumbnail_size=6)
+    np.testing.assert_allclose(emb, model.predict(images, verbose=0), atol=1e-5)
+    assert got_labels.tolist() == labels.tolist()
+    assert thumbs.shape == (10, 6, 6, 1) and thumbs.dtype == np.uint8
+    emb, got_labels, _ = embed_gallery(model, ds.map(lambda x, y: x))
+    assert got_labels is None and emb.shape == (10, DIM)
+
+
+def test_scann_missing_is_a_clear_error(model, tmp_path, monkeypatch):
+    gallery = _clustered(20, DIM, 2, seed=9)
+    path = export_retrieval_model(model, gallery, tmp_path / "r", k=2)
+    monkeypatch.setitem(sys.modules, "scann", None)
+    monkeypatch.setitem(sys.modules, "scann.scann_ops.py.scann_ops", None)
+    with pytest.raises(ImportError, match=r"pip install scann\[tf\]"):
+        load_retrieval_model(path)
+    with pytest.raises(ImportError, match="embedding-only export"):
+        export_retrieval_model(model, gallery, tmp_path / "other", k=2)
+    assert not (tmp_path / "other").exists()
+
+
+def test_bad_inputs_fail_before_writing(model, tmp_path):
+    gallery = _clustered(20, DIM, 2, seed=10)
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match="width 8 but the embedding model .* 16"):
+        export_retrieval_model(model, gallery[:, :8], out)
+    with pytest.raises(ValueError, match="k=21 is larger than the gallery"):
+        export_retrieval_model(model, gallery, out, k=21)
+    with pytest.raises(ValueError, match="`ids` has 3 entries .* 20 items"):
+        export_retrieval_model(model, gallery, out, k=2, ids=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"all strings or all integers.*int.*str"):
+        export_retrieval_model(model, gallery, out, k=2, ids=[1, "b"] * 10)
+    with pytest.raises(ValueError, match=r"Unknown index 'ivf'.*brute_force"):
+        export_retrieval_model(model, gallery, out, index="ivf")
+    with pytest.raises(ValueError, match="leaves_to_search=9 exceeds num_leaves=2"):
+        export_retrieval_model(
+            model, gallery, out, 2, index="tree_ah", num_leaves=2, leaves_to_search=9
+        )
+    wrapper = keras.Sequential([model])
+    wrapper.embedding_model = model
+    with pytest.raises(ValueError, match="pass its `.embedding_model`"):
+        export_retrieval_model(wrapper, gallery, out)
+    assert os.listdir(tmp_path) == []
+
+
+def test_never_overwrites_and_never_leaves_a_partial_directory(
+    model, tmp_path, monkeypatch
+):
+    gallery = _clustered(20, DIM, 2, seed=11)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_retrieval_model(model, gallery, out, k=2)
+    assert os.listdir(out) == ["keep.txt"]
+
+    archive_class = type(keras.export.ExportArchive())
+
+    def failing_write_out(self, filepath, options=None, verbose=True):
+        os.makedirs(filepath)
+        open(os.path.join(filepath, "saved_model.pb"), "w").close()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(archive_class, "write_out", failing_write_out)
+    with pytest.raises(OSError, match="disk full"):
+        export_retrieval_model(model, gallery, out, k=2, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["r"] and os.listdir(out) == ["keep.txt"]
+
+    export_retrieval_model(model, gallery, out, k=2, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["r"]
+    assert load_retrieval_model(out).k == 2
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.*not a TensorFlow"):
+        load_retrieval_model(tmp_path / "nothing")
+    embedding_export = tmp_path / "embedding"
+    from xbm_tf.export import export_embedding_model
+
+    embedder = build_embedding_model("tiny", 4, input_shape=SHAPE)
+    export_embedding_model(embedder, embedding_export)
+    with pytest.raises(ValueError, match="not a retrieval export.*search_embeddings"):
+        load_retrieval_model(embedding_export)

@@ -1,0 +1,177 @@
+"""scripts/index.py and scripts/search.py end to end on a tiny embedding export."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import index  # noqa: E402
+import search  # noqa: E402
+
+from xbm_tf import data  # noqa: E402
+from xbm_tf.backbones import build_embedding_model  # noqa: E402
+from xbm_tf.evaluation import nearest_neighbors  # noqa: E402
+from xbm_tf.export import export_embedding_model, load_exported_embedder  # noqa: E402
+from xbm_tf.plots import grid_layout  # noqa: E402
+from xbm_tf.retrieval import load_retrieval_model  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """Parses a command line with configs/smoke.flags, from the repository root."""
+    monkeypatch.chdir(ROOT)
+
+    def _parse(*args):
+        FLAGS.unparse_flags()
+        FLAGS(["script", "--flagfile=configs/smoke.flags", *args])
+
+    yield _parse
+    FLAGS.unparse_flags()
+
+
+@pytest.fixture(scope="module")
+def embedding_export(tmp_path_factory):
+    model = build_embedding_model("tiny", 16, input_shape=(28, 28, 1))
+    return export_embedding_model(model, tmp_path_factory.mktemp("run") / "export")
+
+
+def _write_pngs(images, folder):
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = os.path.join(folder, f"img_{i:02d}.png")
+        tf.io.write_file(path, tf.io.encode_png(image))
+        paths.append(path)
+    return paths
+
+
+def _test_images(indices):
+    test = data.load_quickstart(max_per_class=12).test
+    return test.images[np.asarray(indices)]
+
+
+def test_index_split_then_search(parse, tmp_path, embedding_export, capsys):
+    out = tmp_path / "retrieval"
+    parse(
+        f"--model={embedding_export}", "--split=test", f"--output={out}", "--search_k=5"
+    )
+    index.run()
+    source = json.loads((out / "index.json").read_text())
+    assert (source["split"], source["num_items"], source["crop_size"]) == (
+        "test",
+        120,
+        28,
+    )
+    lines = (out / "projector" / "metadata.tsv").read_text().splitlines()
+    assert lines[0] == "id\tlabel" and len(lines) == 121
+    assert lines[1].split("\t")[0] == "0"
+    assert "sprite.png" in (out / "projector" / "projector_config.pbtxt").read_text()
+    assert (out / "projector" / "sprite.png").stat().st_size > 1000
+    assert "Browse it: tensorboard --logdir" in capsys.readouterr().out
+
+    # The export returns the exact search over the embedded test split.
+    ds = data.eval_dataset(
+        data.load_quickstart(max_per_class=12).test,
+        batch_size=64,
+        resize_size=32,
+        crop_size=28,
+        channels=1,
+    )
+    images = np.concatenate([x for x, _ in ds.as_numpy_iterator()])
+    gallery = load_exported_embedder(embedding_export)(images)
+    retrieval = load_retrieval_model(out)
+    got = retrieval(images[[0, 50, 119]])
+    rows, _ = nearest_neighbors(got["embeddings"], gallery, k=5, backend="exact")
+    np.testing.assert_array_equal(got["ids"], rows)
+
+    # search.py with three test images saved as files: same results, a grid.
+    queries = _write_pngs(_test_images([0, 50, 119]), tmp_path / "queries")
+    parse(f"--retrieval={out}", f"--grid={tmp_path / 'grid.png'}", "--show=4")
+    result = search.run(queries)
+    np.testing.assert_array_equal(result["ids"], rows)
+    printed = capsys.readouterr().out
+    assert queries[1] in printed
+    assert f"    1  {result['scores'][1, 0]:8.4f}  {rows[1, 0]}" in printed
+    height, width, *_ = grid_layout((28, 28), 3, 4, 3, 4, 4)
+    png = tf.io.decode_png(tf.io.read_file(str(tmp_path / "grid.png")))
+    assert tuple(png.shape[:2]) == (height, width)
+
+    # Never replaced without --overwrite, checked before any embedding.
+    parse(f"--model={embedding_export}", "--split=test", f"--output={out}")
+    with pytest.raises(index.FlagError, match="already exists.*--overwrite"):
+        index.run()
+    parse(f"--retrieval={out}", f"--grid={tmp_path / 'grid.png'}")
+    with pytest.raises(search.FlagError, match="grid.png exists.*--overwrite"):
+        search.run(queries)
+
+
+def test_index_images_folder_ids_are_paths(parse, tmp_path, embedding_export, capsys):
+    paths = _write_pngs(_test_images(range(0, 120, 6)), tmp_path / "photos" / "a")
+    out = tmp_path / "retrieval"
+    parse(
+        f"--model={embedding_export}",
+        f"--images={tmp_path / 'photos'}",
+        f"--output={out}",
+        "--search_k=3",
+        "--nosprite",
+    )
+    index.run()
+    assert not (out / "projector" / "sprite.png").exists()
+    metadata = (out / "projector" / "metadata.tsv").read_text().splitlines()
+    assert metadata == paths  # one column: no header
+    parse(f"--retrieval={out}")
+    result = search.run(paths[4:6])
+    assert result["ids"][:, 0].tolist() == paths[4:6]  # each image finds itself
+    np.testing.assert_allclose(result["scores"][:, 0], 1.0, atol=1e-5)
+    assert (tmp_path / "search_results.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--split=gallery"], "--split=gallery is not a split of --dataset=quickstart"),
+        (["--split=test", "--images=/tmp"], "exactly one of --split and --images"),
+        (["--images=/nonexistent"], "--images=/nonexistent is not a folder"),
+        (["--split=test", "--search_k=121"], "--search_k=121 is larger than the"),
+        (
+            [
+                "--split=test",
+                "--index=tree_ah",
+                "--num_leaves=2",
+                "--leaves_to_search=3",
+            ],
+            "leaves_to_search=3 exceeds num_leaves=2",
+        ),
+    ],
+)
+def test_index_bad_flags_fail_before_embedding(
+    parse, tmp_path, embedding_export, monkeypatch, args, message
+):
+    def no_embedding(*a, **k):
+        raise AssertionError("embedded before checking the flags")
+
+    monkeypatch.setattr(index, "embed_gallery", no_embedding)
+    parse(f"--model={embedding_export}", f"--output={tmp_path / 'r'}", *args)
+    with pytest.raises(index.FlagError, match=message):
+        index.run()
+    assert not (tmp_path / "r").exists()
+
+
+def test_search_bad_flags(parse, tmp_path):
+    parse(f"--retrieval={tmp_path}")
+    with pytest.raises(search.FlagError, match="is not a SavedModel folder"):
+        search.run(["q.png"])
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(search.FlagError, match="not found: /no/such.png"):
+        search.run(["/no/such.png"])
