@@ -49,6 +49,7 @@ def _clustered(n, dim, clusters, seed, noise=0.35):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+@pytest.mark.slow  # a fresh Python process that imports TensorFlow
 def test_brute_force_export_in_a_fresh_process_equals_exact_search(model, tmp_path):
     tied, tied_queries = _tied_gallery()
     random_gallery = _clustered(500, DIM, 20, seed=1)
