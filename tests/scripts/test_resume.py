@@ -11,6 +11,7 @@ compare the dumps.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds per training process, TensorFlow start-up included
 # 9 steps, 3 per epoch, memory from step 2, a backup every 2 steps and at
 # epoch ends: steps 2, 3, 4, 6, 8, 9. Evaluation only before and after.
-ARGS = ("--steps=9", "--backup_every_steps=2", "--eval_every_epochs=100")
+# More flags from the environment, e.g. RESUME_TEST_ARGS=--jit_compile=true.
+ARGS = (
+    "--steps=9",
+    "--backup_every_steps=2",
+    "--eval_every_epochs=100",
+    *shlex.split(os.environ.get("RESUME_TEST_ARGS", "")),
+)
 
 
 def _driver(out: str, args: list[str]) -> None:

@@ -98,8 +98,9 @@ def train_dataset(
     """An infinite dataset of augmented P x K batches, deterministic for a seed.
 
     The stream is a function of `(seed, step)`: step `s` holds the indices
-    `PKSampler(...).batch(s)`, and with `implementation="tf_image"` the image
-    in row `r` of step `s` is augmented with the stateless seed
+    `PKSampler(...).batch(s)` (drawn with stateless TensorFlow ops), and with
+    `implementation="tf_image"` the image in row `r` of step `s` is augmented
+    with the stateless seed
     `(seed, s * p * k + r)`. So `start_step=s` yields exactly what the stream
     from step 0 yields from its `s`-th batch on: a resumed run continues with the
     batches it would have seen. The `"keras_cv"` layers keep a random state of
@@ -174,10 +175,9 @@ def train_dataset(
     first_row, rows, replica_batch = _input_rows(global_batch, k, input_context)
 
     def step_rows(step):
-        indices = tf.numpy_function(sampler.batch, [step], tf.int64, stateful=False)
-        indices = tf.ensure_shape(indices, [global_batch])[first_row : first_row + rows]
+        indices = sampler.tf_batch(step)[first_row : first_row + rows]
         row = tf.range(first_row, first_row + rows, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((row + step * global_batch, indices))
+        return row + step * global_batch, indices
 
     def decode(position, index):
         element_seed = tf.stack([tf.constant(seed, tf.int64), position])
@@ -187,7 +187,7 @@ def train_dataset(
         steps = tf.data.Dataset.counter(start_step)
     else:
         steps = tf.data.Dataset.range(start_step, start_step + num_steps)
-    ds = steps.flat_map(step_rows)
+    ds = steps.map(step_rows).unbatch()
     ds = ds.map(decode, num_parallel_calls=num_parallel_calls)
     ds = ds.map(
         lambda image, label, element_seed: (augment(image, element_seed), label),
