@@ -2,6 +2,7 @@
 
 from xbm_tf import data, distribute, evaluation, losses, plots
 from xbm_tf.backbones import build_embedding_model
+from xbm_tf.backup import TrainingBackup, fit_segments
 from xbm_tf.evaluation import map_at_r, r_precision, recall_at_k
 from xbm_tf.export import export_embedding_model, load_exported_embedder
 from xbm_tf.losses import ContrastiveLoss, MultiSimilarityLoss, TripletLoss
@@ -17,6 +18,7 @@ __all__ = [
     "CrossBatchMemory",
     "MultiSimilarityLoss",
     "RetrievalEvaluation",
+    "TrainingBackup",
     "TripletLoss",
     "XBMContrastiveModel",
     "__version__",
@@ -25,6 +27,7 @@ __all__ = [
     "distribute",
     "evaluation",
     "export_embedding_model",
+    "fit_segments",
     "load_exported_embedder",
     "losses",
     "make_optimizer",

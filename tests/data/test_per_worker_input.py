@@ -28,7 +28,7 @@ import pytest
 
 P, K, SIZE, STEPS, EPOCHS, FIT_STEPS = 4, 2, 8, 5, 2, 3
 MEMORY, WARMUP, SEED = 20, 1, 7
-TIMEOUT = 240  # seconds for the processes, TensorFlow start-up included
+TIMEOUT = 600  # seconds for the processes, TensorFlow start-up included
 REPO = Path(__file__).resolve().parents[2]
 # 7 classes with 1 to 7 images: classes smaller than K repeat images.
 LABELS = np.repeat(np.arange(7) * 3 + 2, np.arange(1, 8))

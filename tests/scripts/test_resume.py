@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 300  # seconds per training process, TensorFlow start-up included
+TIMEOUT = 900  # seconds per training process, TensorFlow start-up included
 # 9 steps, 3 per epoch, memory from step 2, a backup every 2 steps and at
 # epoch ends: steps 2, 3, 4, 6, 8, 9. Evaluation only before and after.
 # More flags from the environment, e.g. RESUME_TEST_ARGS=--jit_compile=true.
