@@ -151,6 +151,12 @@ STRATEGY = flags.DEFINE_enum(
     "TF_CONFIG); --p x --k is the global batch.",
 )
 SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+BACKUP_EVERY = flags.DEFINE_integer(
+    "backup_every_steps",
+    100,
+    "Back up the training state (atomically) every N steps and at epoch ends; a "
+    "killed run resumes from the last backup when run again with the same command.",
+)
 # Evaluation.
 EVAL_EVERY = flags.DEFINE_integer(
     "eval_every_epochs", 1, "Evaluate Recall@K every N epochs (and at the end)."

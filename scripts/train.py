@@ -35,6 +35,7 @@ from xbm_tf import (  # noqa: E402
     plots,
 )
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
+from xbm_tf.backup import TrainingBackup, fit_segments  # noqa: E402
 from xbm_tf.distribute import (  # noqa: E402
     make_strategy,
     replica_batch_size,
@@ -79,6 +80,10 @@ def check_train_flags() -> None:
             "--vehicleid_test_size=all is for evaluate.py; train.py evaluates on "
             "one test list (small, medium or large)"
         )
+    if common.BACKUP_EVERY.value < 1:
+        raise FlagError(
+            f"--backup_every_steps={common.BACKUP_EVERY.value} must be positive"
+        )
     weights = common.WEIGHTS.value
     if weights.lower() not in ("imagenet", "none") and not os.path.isfile(weights):
         raise FlagError(
@@ -93,10 +98,13 @@ def check_train_flags() -> None:
             )
 
 
-def make_train_dataset(splits: data.RetrievalSplits):
+def make_train_dataset(splits: data.RetrievalSplits, strategy=None):
     """The infinite P x K training stream, after checking P against the classes.
 
     Corrupt image files are skipped, counted and reported before training.
+    Returns `dataset(start_step=0)`: the stream from that step, a function of
+    (--seed, step); under a strategy, distributed so that each worker decodes
+    only its own replicas' rows of every global batch.
     """
     if common.P.value > splits.num_train_classes:
         raise FlagError(
@@ -109,17 +117,33 @@ def make_train_dataset(splits: data.RetrievalSplits):
         if skipped:
             first = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:5])
             print(f"Skipping {len(skipped)} corrupt training images ({first})")
-    return data.train_dataset(
-        train_set,
-        p=common.P.value,
-        k=common.K.value,
-        resize_size=common.RESIZE.value,
-        crop_size=common.CROP.value,
-        channels=common.CHANNELS.value,
-        flip=common.FLIP.value,
-        implementation=common.AUGMENTATION.value,
-        seed=common.SEED.value,
-    )
+
+    def local(start_step=0, input_context=None):
+        return data.train_dataset(
+            train_set,
+            p=common.P.value,
+            k=common.K.value,
+            resize_size=common.RESIZE.value,
+            crop_size=common.CROP.value,
+            channels=common.CHANNELS.value,
+            flip=common.FLIP.value,
+            implementation=common.AUGMENTATION.value,
+            seed=common.SEED.value,
+            start_step=start_step,
+            input_context=input_context,
+        )
+
+    if strategy is not None:
+        replica_batch_size(local(), strategy)  # divisible by the replicas, static
+
+    def dataset(start_step=0):
+        if common.STRATEGY.value == "default":
+            return local(start_step)
+        return strategy.distribute_datasets_from_function(
+            lambda context: local(start_step, context)
+        )
+
+    return dataset
 
 
 def build_model() -> XBMContrastiveModel:
@@ -210,20 +234,26 @@ def make_callbacks(
         keras.callbacks.ModelCheckpoint(
             os.path.join(workdir, "checkpoints", "last.keras")
         ),
-        keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup")),
+        TrainingBackup(os.path.join(workdir, "backup"), common.BACKUP_EVERY.value),
     ]
 
 
 class FitTimer(keras.callbacks.Callback):
-    """Times `fit` (after any resume) and writes `timing.json` when it ends."""
+    """Times `fit` (after any resume) and writes `timing.json` when it ends.
+
+    A resumed run calls `fit` more than once (`fit_segments`): the time and the
+    steps count from the first call's start.
+    """
 
     def __init__(self, path: str):
         super().__init__()
         self.path = path
+        self.start = None
 
     def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-        self.start_step = int(self.model.optimizer.iterations.numpy())
+        if self.start is None:
+            self.start = time.perf_counter()
+            self.start_step = int(self.model.optimizer.iterations.numpy())
 
     def on_train_end(self, logs=None):
         seconds = time.perf_counter() - self.start
@@ -242,11 +272,16 @@ def run(extra_callbacks=()) -> dict:
     strategy = make_strategy(common.STRATEGY.value)
     # Non-chief workers write their (required) copies beside the chief's workdir.
     workdir = worker_path(common.WORKDIR.value, strategy)
+    replicas = strategy.num_replicas_in_sync
+    if common.P.value % replicas:
+        raise FlagError(
+            f"--p={common.P.value} is not divisible by the {replicas} replicas: "
+            "each replica must hold whole classes of --k images"
+        )
     keras.utils.set_random_seed(common.SEED.value)
     splits = common.load_splits()
     print(splits.describe(), flush=True)
-    train = make_train_dataset(splits)
-    replica_batch_size(train, strategy)  # divisible by the replicas, static
+    train = make_train_dataset(splits, strategy)
     query, gallery = common.make_eval_datasets(splits)
     os.makedirs(workdir, exist_ok=True)
     with strategy.scope():
@@ -264,16 +299,32 @@ def run(extra_callbacks=()) -> dict:
     before = common.evaluate_and_plot(evaluation.embed(), splits, workdir, "before")
     steps_per_epoch = min(common.STEPS_PER_EPOCH.value, common.STEPS.value)
     epochs = -(-common.STEPS.value // steps_per_epoch)
-    model.fit(
-        train,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=make_callbacks(evaluation, workdir, drift)
+    callbacks = (
+        make_callbacks(evaluation, workdir, drift)
         + list(extra_callbacks)
-        + [FitTimer(os.path.join(workdir, "timing.json"))],
-        verbose=common.verbose(),
-        shuffle=False,  # the P x K stream is shuffled by its sampler
+        + [FitTimer(os.path.join(workdir, "timing.json"))]
     )
+    backup = next(c for c in callbacks if isinstance(c, TrainingBackup))
+    start = backup.restore(model)  # weights, optimizer, memory; the step done
+    if start:
+        print(f"Resuming from the backup at step {start}", flush=True)
+        if common.AUGMENTATION.value == "keras_cv":
+            print(
+                "The P x K batches continue exactly; keras-cv crops and flips do "
+                "not (use --augmentation=tf_image for an exact resume)",
+                flush=True,
+            )
+    # Mid-epoch, a first fit finishes the epoch: the stream starts at the step.
+    for first, initial, end, steps in fit_segments(start, steps_per_epoch, epochs):
+        model.fit(
+            train(first),
+            initial_epoch=initial,
+            epochs=end,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=common.verbose(),
+            shuffle=False,  # the P x K stream is shuffled by its sampler
+        )
     # The callback already embedded the test split after the last epoch, if it
     # evaluated then: reuse those embeddings rather than embed it again.
     last = evaluation.last_epoch_embeddings
@@ -291,6 +342,7 @@ def run(extra_callbacks=()) -> dict:
         model.embedding_model, export_dir, overwrite=common.OVERWRITE.value
     )
     print(f"Exported the embedding model to {export_dir}", flush=True)
+    backup.delete()  # only now: a run killed before this point resumes
     return after
 
 

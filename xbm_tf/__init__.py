@@ -2,6 +2,7 @@
 
 from xbm_tf import data, distribute, evaluation, losses, plots, retrieval
 from xbm_tf.backbones import build_embedding_model
+from xbm_tf.backup import TrainingBackup, fit_segments
 from xbm_tf.evaluation import map_at_r, r_precision, recall_at_k
 from xbm_tf.export import export_embedding_model, load_exported_embedder
 from xbm_tf.feature_drift import FeatureDrift
@@ -22,6 +23,7 @@ __all__ = [
     "MultiSimilarityLoss",
     "RetrievalEvaluation",
     "TerminateOnNonFinite",
+    "TrainingBackup",
     "TripletLoss",
     "XBMContrastiveModel",
     "__version__",
@@ -31,6 +33,7 @@ __all__ = [
     "evaluation",
     "export_embedding_model",
     "export_retrieval_model",
+    "fit_segments",
     "load_exported_embedder",
     "load_retrieval_model",
     "losses",

@@ -60,3 +60,19 @@ def test_errors_name_the_numbers():
         PKSampler(_LABELS, p=2, k=0)
     with pytest.raises(ValueError, match="non-empty 1-D"):
         PKSampler(np.array([], np.int64), p=1, k=1)
+
+
+def test_batch_of_a_step_depends_on_seed_and_step_only():
+    sampler = PKSampler(_LABELS, p=3, k=4, seed=11)
+    stream = _take(sampler, 12)
+    for step in (0, 5, 11):  # any order, any number of times
+        np.testing.assert_array_equal(sampler.batch(step), stream[step])
+    # A stream started at step 7 is the tail of the stream from 0.
+    np.testing.assert_array_equal(_take(sampler.iter_from(7), 5), stream[7:])
+    other = PKSampler(_LABELS.copy(), p=3, k=4, seed=11)
+    np.testing.assert_array_equal(other.batch(9), stream[9])
+    assert not np.array_equal(sampler.batch(3), sampler.batch(4))
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
+        sampler.batch(-1)
+    with pytest.raises(ValueError, match="seed must be >= 0, got -3"):
+        PKSampler(_LABELS, p=2, k=2, seed=-3)

@@ -91,38 +91,60 @@ def train_dataset(
     flip: bool = True,
     implementation: str = "keras_cv",
     num_parallel_calls: int = tf.data.AUTOTUNE,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
     """An infinite dataset of augmented P x K batches, deterministic for a seed.
 
-    Decoding runs as a parallel map; the augmentation (`TrainAugmentation`)
-    runs in parallel for `implementation="tf_image"` and sequentially for
-    `"keras_cv"`, whose random state is order-dependent. Use with
-    `model.fit(..., steps_per_epoch=N)`. Each new iterator restarts the P x K
-    index stream; the `"tf_image"` augmentation restarts with it, while the
-    `"keras_cv"` layers keep their random state (build a new dataset with the
-    same seed for an identical stream).
+    The stream is a function of `(seed, step)`: step `s` holds the indices
+    `PKSampler(...).batch(s)` (drawn with stateless TensorFlow ops), and with
+    `implementation="tf_image"` the image in row `r` of step `s` is augmented
+    with the stateless seed
+    `(seed, s * p * k + r)`. So `start_step=s` yields exactly what the stream
+    from step 0 yields from its `s`-th batch on: a resumed run continues with the
+    batches it would have seen. The `"keras_cv"` layers keep a random state of
+    their own (sequential map, order-dependent): with them the indices still
+    resume exactly, the crops and flips do not.
+
+    With `input_context` (from `strategy.distribute_datasets_from_function`),
+    this is the dataset of one input pipeline (worker): every worker draws the
+    same global P x K indices, keeps the contiguous block of rows of its own
+    replicas and decodes and augments only those, batched per replica
+    (`global // num_replicas_in_sync` rows, a multiple of `k`: each replica holds
+    whole classes). Replica `i` gets rows `[i * b, (i + 1) * b)` of the global
+    batch, as `experimental_distribute_dataset` would split it.
+
+    Use with `model.fit(..., steps_per_epoch=N)`. Each new iterator restarts at
+    `start_step`.
 
     Args:
         image_set: the training images.
-        p: classes per batch (at most the number of classes).
+        p: classes per (global) batch (at most the number of classes).
         k: images per class.
         resize_size: the shorter side before the random crop (256).
         crop_size: the output side (224).
-        seed: seeds both the sampler and the augmentation.
+        seed: seeds both the sampler and the augmentation (>= 0).
         channels: output channels (see the module docstring).
         scale: the area range of the random resized crop.
         ratio: the aspect-ratio range of the random resized crop.
         flip: random horizontal flips (the paper's; off for digits and text).
         implementation: `"keras_cv"` or `"tf_image"` (see `TrainAugmentation`).
         num_parallel_calls: parallelism of the parallel maps.
+        start_step: the first step of the stream (>= 0).
+        num_steps: stop after this many steps (default: never).
+        input_context: a `tf.distribute.InputContext`: yield only this input
+            pipeline's rows, in per-replica batches.
 
     Returns:
         `tf.data.Dataset` of `(images, labels)`: float32
-        `(p * k, crop_size, crop_size, C)` in [0, 255] and int64 `(p * k,)`,
-        grouped by class (`k` consecutive images per class).
+        `(b, crop_size, crop_size, C)` in [0, 255] and int64 `(b,)` with
+        `b = p * k` (or the per-replica share with `input_context`), grouped by
+        class (`k` consecutive images per class).
 
     Raises:
-        ValueError: `p` exceeds the number of classes, or a bad size/channels.
+        ValueError: `p` exceeds the number of classes, a bad size/channels/step,
+            or a per-replica share that is not a multiple of `k`.
 
     Example:
 
@@ -134,6 +156,10 @@ def train_dataset(
     (TensorShape([8, 28, 28, 1]), TensorShape([8]))
     """
     sampler = PKSampler(image_set.labels, p, k, seed)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    if num_steps is not None and num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0 or None, got {num_steps}.")
     augment = TrainAugmentation(
         resize_size=resize_size,
         crop_size=crop_size,
@@ -145,23 +171,52 @@ def train_dataset(
     )
     load = _loader(image_set, channels)
     labels = tf.constant(image_set.labels)
-    batch_size = sampler.batch_size
-    indices = tf.data.Dataset.from_generator(
-        lambda: iter(sampler),
-        output_signature=tf.TensorSpec([batch_size], tf.int64),
-    )
+    global_batch = sampler.batch_size
+    first_row, rows, replica_batch = _input_rows(global_batch, k, input_context)
+
+    def step_rows(step):
+        indices = sampler.tf_batch(step)[first_row : first_row + rows]
+        row = tf.range(first_row, first_row + rows, dtype=tf.int64)
+        return row + step * global_batch, indices
 
     def decode(position, index):
         element_seed = tf.stack([tf.constant(seed, tf.int64), position])
         return load(index), tf.gather(labels, index), element_seed
 
-    ds = indices.unbatch().enumerate()
+    if num_steps is None:
+        steps = tf.data.Dataset.counter(start_step)
+    else:
+        steps = tf.data.Dataset.range(start_step, start_step + num_steps)
+    ds = steps.map(step_rows).unbatch()
     ds = ds.map(decode, num_parallel_calls=num_parallel_calls)
     ds = ds.map(
         lambda image, label, element_seed: (augment(image, element_seed), label),
         num_parallel_calls=num_parallel_calls if augment.parallel_safe else None,
     )
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(replica_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _input_rows(
+    global_batch: int, k: int, input_context: tf.distribute.InputContext | None
+) -> tuple[int, int, int]:
+    """`(first_row, rows, replica_batch)` of an input pipeline's share."""
+    if input_context is None:
+        return 0, global_batch, global_batch
+    replicas = input_context.num_replicas_in_sync
+    pipelines = input_context.num_input_pipelines
+    if global_batch % replicas or (global_batch // replicas) % k:
+        raise ValueError(
+            f"The global batch p * k = {global_batch} must split into "
+            f"{replicas} replicas of whole classes: each replica's share must be a "
+            f"multiple of k={k} (p divisible by {replicas})."
+        )
+    if replicas % pipelines:
+        raise ValueError(
+            f"{replicas} replicas do not split evenly over {pipelines} input pipelines."
+        )
+    replica_batch = global_batch // replicas
+    rows = replica_batch * (replicas // pipelines)
+    return input_context.input_pipeline_id * rows, rows, replica_batch
 
 
 def eval_dataset(
