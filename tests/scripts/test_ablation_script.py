@@ -20,19 +20,6 @@ FLAGS = flags.FLAGS
 
 
 @pytest.fixture
-def parse(monkeypatch):
-    """Parses an ablation command line on the smoke flags, from the repo root."""
-    monkeypatch.chdir(ROOT)
-
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["ablation", "--flagfile=configs/smoke.flags", *args])
-
-    yield _parse
-    FLAGS.unparse_flags()
-
-
-@pytest.fixture
 def launches(monkeypatch):
     """Counts the train.py runs the ablation starts (and still starts them)."""
     started = []

@@ -24,19 +24,6 @@ from xbm_tf.backbones import build_embedding_model  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-@pytest.fixture
-def parse(monkeypatch):
-    """Parses a command line for the scripts, from the repository root."""
-    monkeypatch.chdir(ROOT)
-
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["script", "--flagfile=configs/smoke.flags", *args])
-
-    yield _parse
-    FLAGS.unparse_flags()
-
-
 def test_drift_flag_writes_png_and_log_columns(parse, tmp_path, monkeypatch):
     plotted = []
     original = train.plots.plot_feature_drift

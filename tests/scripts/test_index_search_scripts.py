@@ -27,19 +27,6 @@ from xbm_tf.retrieval import load_retrieval_model  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-@pytest.fixture
-def parse(monkeypatch):
-    """Parses a command line with configs/smoke.flags, from the repository root."""
-    monkeypatch.chdir(ROOT)
-
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["script", "--flagfile=configs/smoke.flags", *args])
-
-    yield _parse
-    FLAGS.unparse_flags()
-
-
 @pytest.fixture(scope="module")
 def embedding_export(tmp_path_factory):
     model = build_embedding_model("tiny", 16, input_shape=(28, 28, 1))

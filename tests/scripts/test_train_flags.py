@@ -32,19 +32,6 @@ from xbm_tf.terminate_on_nonfinite import (  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-@pytest.fixture
-def parse(monkeypatch):
-    """Parses a command line for the scripts, from the repository root."""
-    monkeypatch.chdir(ROOT)
-
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["script", "--flagfile=configs/smoke.flags", *args])
-
-    yield _parse
-    FLAGS.unparse_flags()
-
-
 def test_loss_flag_defaults_are_the_functions_defaults(parse, tmp_path):
     parse(f"--workdir={tmp_path}")
     assert FLAGS.triplet_margin == hyper_parameters(triplet_loss)["margin"] == 0.1
@@ -184,9 +171,10 @@ def test_nonfinite_memory_loss_stops_at_once_and_keeps_the_backup(
     assert "at training step 5 (epoch 2, step 2 of 3)" in message
     assert not (workdir / "export").exists()
     # The backup of epoch 1 (3 good steps) is kept, with finite weights.
-    meta = json.load(open(workdir / "backup" / "training_metadata.json"))
-    assert meta["epoch"] == 1
-    assert _all_finite(workdir / "backup" / "latest.weights.h5")
+    backups = sorted((workdir / "backup").iterdir())
+    assert [b.name for b in backups] == ["step_000000003"]
+    assert json.load(open(backups[0] / "state.json")) == {"step": 3}
+    assert _all_finite(backups[0] / "model.weights.h5")
     assert (workdir / "checkpoints" / "last.keras").exists()
 
 

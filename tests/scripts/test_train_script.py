@@ -23,19 +23,6 @@ from xbm_tf.export import load_exported_embedder  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-@pytest.fixture
-def parse(monkeypatch):
-    """Parses a command line for the scripts, from the repository root."""
-    monkeypatch.chdir(ROOT)
-
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["script", "--flagfile=configs/smoke.flags", *args])
-
-    yield _parse
-    FLAGS.unparse_flags()
-
-
 class _Interrupt(keras.callbacks.Callback):
     """Records the memory at each epoch end and 'crashes' inside a later epoch."""
 
