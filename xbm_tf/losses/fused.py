@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from xbm_tf.losses.base import PairLoss
 from xbm_tf.losses.contrastive import ContrastiveLoss
-from xbm_tf.losses.pairs import check_labels
+from xbm_tf.losses.pairs import check_labels, pair_masks
 
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,15 +44,8 @@ def _masked_pass(sim, query_labels, key_labels, key_mask, own, margin):
         `(losses (B,) float32, coefficients (B, M) in sim's dtype)`.
     """
     s = tf.cast(sim, tf.float32)
-    key_ids = tf.range(tf.shape(key_labels)[0], dtype=tf.int32)
-    valid = tf.logical_and(
-        key_mask[tf.newaxis, :], tf.not_equal(own[:, tf.newaxis], key_ids)
-    )
-    same = tf.equal(query_labels[:, tf.newaxis], key_labels[tf.newaxis, :])
-    positive = tf.logical_and(same, valid)
-    hard = tf.logical_and(
-        tf.logical_and(tf.logical_not(same), valid), tf.greater(s, margin)
-    )
+    positive, negative = pair_masks(query_labels, key_labels, key_mask, own)
+    hard = tf.logical_and(negative, tf.greater(s, margin))
     zero = tf.zeros_like(s)
     cost = tf.where(positive, 1.0 - s, tf.where(hard, s, zero))
     coefficients = tf.where(positive, -1.0, tf.where(hard, 1.0, zero))
