@@ -114,26 +114,35 @@ def test_exact_fallback_equals_exact_search(model, tmp_path, monkeypatch):
 
 
 def test_tree_ah_recall_against_exact_search(model, tmp_path):
+    # ScaNN's k-means differs between runs and machines (a CI machine found
+    # recall 0.85 with the default 4 of 71 leaves, this one 0.91-0.93), so the
+    # test searches 20 leaves (0.980-0.987 over six builds here) and keeps a
+    # wide margin; one leaf gave 0.51-0.61.
     gallery = _clustered(5000, DIM, 50, seed=4)
     queries = _clustered(300, DIM, 50, seed=5)
-    path = export_retrieval_model(model, gallery, tmp_path / "ah", 10, index="tree_ah")
+    exact, _ = nearest_neighbors(queries, gallery, k=10, backend="exact")
+
+    def recall_of(ids):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+
+    path = export_retrieval_model(
+        model, gallery, tmp_path / "ah", 10, index="tree_ah", leaves_to_search=20
+    )
     searcher = load_retrieval_model(path)
     assert (searcher.index, searcher.k, searcher.num_items) == ("tree_ah", 10, 5000)
     out = searcher.search_embeddings(queries)
-    exact, _ = nearest_neighbors(queries, gallery, k=10, backend="exact")
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(out["ids"], exact)])
-    assert 0.9 <= recall < 1.0, recall  # approximate, and good
+    recall = recall_of(out["ids"])
+    assert recall >= 0.9, recall
     # Results are exactly re-scored and sorted.
     true = np.einsum("qd,qkd->qk", queries, gallery[out["ids"]])
     np.testing.assert_allclose(out["scores"], true, atol=1e-5)
     assert (np.diff(out["scores"], axis=1) <= 0).all()
-    # More leaves searched: better recall.
+    # Fewer leaves searched: worse recall.
     path = export_retrieval_model(
-        model, gallery, tmp_path / "wide", 10, index="tree_ah", leaves_to_search=30
+        model, gallery, tmp_path / "narrow", 10, index="tree_ah", leaves_to_search=1
     )
-    wide = load_retrieval_model(path).search_embeddings(queries)["ids"]
-    wide_recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(wide, exact)])
-    assert wide_recall > recall
+    narrow = load_retrieval_model(path).search_embeddings(queries)["ids"]
+    assert recall_of(narrow) < recall - 0.1, (recall_of(narrow), recall)
 
 
 @pytest.mark.parametrize(
