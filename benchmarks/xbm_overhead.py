@@ -206,12 +206,13 @@ def _xbm_part(memory, batch_size: int, jit: bool = True, fused: bool = True):
         with tf.GradientTape() as tape:
             tape.watch(queries)
             rows = memory.enqueue(queries, labels)
-            keys, key_labels, valid = memory.read()
-            if fused:
+            if fused:  # the variable itself, as the model passes it
+                key_labels, valid = memory.read_labels()
                 losses = memory_pair_loss(
-                    loss, queries, labels, keys, key_labels, valid, rows
+                    loss, queries, labels, memory.embeddings, key_labels, valid, rows
                 )
             else:
+                keys, key_labels, valid = memory.read()
                 losses = contrastive_loss(
                     queries,
                     labels,

@@ -81,7 +81,7 @@ def test_switch_equals_the_gated_step_across_the_boundary(jit, steps_per_executi
 def test_warm_up_step_never_touches_the_memory(jit, monkeypatch):
     model = XBMContrastiveModel(_embedder(), memory_size=20, xbm_start_step=START)
     model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
-    traced = {"read": 0, "enqueue": 0}
+    traced = {"read_labels": 0, "enqueue": 0}
     for name in traced:
         method = getattr(model.memory, name)
 
@@ -95,13 +95,13 @@ def test_warm_up_step_never_touches_the_memory(jit, monkeypatch):
     model.memory.embeddings.assign(np.full((20, DIM_OUT), 0.25, np.float32))
     before = [np.asarray(w).copy() for w in model.memory.weights]
     history = model.fit(_dataset(START), epochs=1, verbose=0, shuffle=False)
-    assert traced == {"read": 0, "enqueue": 0}
+    assert traced == {"read_labels": 0, "enqueue": 0}
     assert history.history["xbm_loss"] == [0.0]
     assert history.history["memory_fill"] == [0.0]
     for a, b in zip(before, model.memory.weights):
         np.testing.assert_array_equal(a, np.asarray(b))
     history = model.fit(_dataset(2), epochs=1, verbose=0, shuffle=False)
-    assert traced["read"] >= 1 and traced["enqueue"] >= 1
+    assert traced["read_labels"] >= 1 and traced["enqueue"] >= 1
     assert history.history["xbm_loss"][0] > 0
     assert int(model.memory.count.numpy()) == 2 * BATCH
 

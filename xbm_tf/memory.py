@@ -125,10 +125,8 @@ class CrossBatchMemory(keras.layers.Layer):
         step = batch_size
         if active is not True:
             active = ops.convert_to_tensor(active, "bool")
-            embeddings = ops.where(
-                active, embeddings, ops.take(self.embeddings, rows, 0)
-            )
-            labels = ops.where(active, labels, ops.take(self.labels, rows, 0))
+            embeddings = ops.where(active, embeddings, _gather(self.embeddings, rows))
+            labels = ops.where(active, labels, _gather(self.labels, rows))
             step = ops.where(active, batch_size, 0)
         _scatter(self.embeddings, rows, embeddings)
         _scatter(self.labels, rows, labels)
@@ -138,13 +136,24 @@ class CrossBatchMemory(keras.layers.Layer):
         return rows
 
     def read(self):
-        """Returns `(embeddings (M, D) in memory_dtype, labels (M,), valid (M,))`."""
+        """Returns `(embeddings (M, D) in memory_dtype, labels (M,), valid (M,))`.
+
+        Without XLA, reading the embeddings copies them once the memory has been
+        written (see `read_labels`).
+        """
+        return (ops.convert_to_tensor(self.embeddings), *self.read_labels())
+
+    def read_labels(self):
+        """Returns `(labels (M,) int64, valid (M,) bool)`, without the embeddings.
+
+        For a loss that reads `self.embeddings` itself: TensorFlow's graph
+        executor copies a variable on every dense read once a scatter has written
+        it, so outside XLA a read of the `(M, D)` embeddings costs a full copy;
+        `xbm_tf.losses.fused_contrastive_loss` takes the variable and reads it
+        inside XLA instead.
+        """
         valid = ops.less(ops.arange(self.memory_size, dtype="int32"), self.count)
-        return (
-            ops.convert_to_tensor(self.embeddings),
-            ops.convert_to_tensor(self.labels),
-            valid,
-        )
+        return ops.convert_to_tensor(self.labels), valid
 
     def fill_fraction(self):
         """The fraction of rows that hold an embedding, a float32 scalar."""
@@ -173,6 +182,14 @@ def _scatter(variable, rows, updates):
     """In-place `variable[rows] = updates` on this replica's copy of `variable`."""
     tf.raw_ops.ResourceScatterUpdate(
         resource=variable.handle, indices=rows, updates=updates
+    )
+
+
+def _gather(variable, rows):
+    """`variable[rows]` on this replica's copy, without a dense read of `variable`
+    (which, outside XLA, copies a scattered variable whole)."""
+    return tf.raw_ops.ResourceGather(
+        resource=variable.handle, indices=rows, dtype=variable.dtype
     )
 
 

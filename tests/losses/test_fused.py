@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from xbm_tf import XBMContrastiveModel, build_embedding_model
 from xbm_tf.losses import (
     ContrastiveLoss,
     TripletLoss,
@@ -159,3 +161,82 @@ def test_memory_pair_loss_routes_contrastive_to_the_fused_loss():
     plain = tf.cast(k_half, "float32")
     want = triplet_loss(q, ql, plain, kl, mask, own, margin=0.2, mining="hard")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_variable_as_keys_equals_its_tensor(mode, dtype):
+    # The model passes the memory's variable (read in place inside XLA); after a
+    # scatter has written it, as the enqueue does, values and gradients must
+    # equal those of the same keys given as a tensor.
+    q, ql, k, kl, mask, own = _problem(3)
+    variable = tf.Variable(tf.zeros(k.shape, dtype), trainable=False)
+    tf.raw_ops.ResourceScatterUpdate(
+        resource=variable.handle,
+        indices=tf.range(len(k)),
+        updates=tf.cast(k, dtype),
+    )
+    weights = np.linspace(0.5, 2.0, len(q)).astype(np.float32)
+
+    def run(keys):
+        def step(q):
+            with tf.GradientTape() as tape:
+                tape.watch(q)
+                losses = fused_contrastive_loss(q, ql, keys, kl, mask, own, 0.3)
+                total = tf.reduce_sum(losses * weights)
+            return losses, tape.gradient(total, q)
+
+        if mode != "eager":
+            step = tf.function(step, jit_compile=mode == "xla")
+        return [np.asarray(t) for t in step(tf.constant(q))]
+
+    want = run(tf.constant(variable.numpy()))
+    got = run(variable)
+    assert np.abs(want[1]).max() > 0.1  # a real gradient
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def _memory_reads(graph, handle_names):
+    """The ops of `graph` (not of the functions it calls, such as the fused
+    loss's XLA functions) that read a placeholder in `handle_names` densely."""
+    found = []
+    for op in graph.get_operations():
+        if op.type == "ReadVariableOp" and op.inputs[0].name in handle_names:
+            found.append(op.name)
+    return found
+
+
+def test_the_model_without_xla_never_reads_the_whole_memory_outside_xla():
+    # Without XLA a dense read of a scattered variable copies all of it on every
+    # step (TensorFlow's copy-on-read mode): the train step must hand the
+    # variable to the fused loss, which reads it inside XLA.
+    backbone = build_embedding_model("tiny", 8, input_shape=(8, 8, 1))
+    model = XBMContrastiveModel(backbone, memory_size=32, xbm_start_step=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False)
+    images = tf.random.uniform((8, 8, 8, 1))
+    labels = tf.constant([0, 0, 1, 1, 2, 2, 3, 3])
+    step = tf.function(model.train_step, jit_compile=False)
+    concrete = step.get_concrete_function((images, labels))
+    embeddings = model.memory.embeddings.value
+    handles = {
+        placeholder.name
+        for tensor, placeholder in concrete.graph.captures
+        if tensor is embeddings.handle
+    }
+    assert handles, "the memory's handle is not captured by the train step"
+    assert _memory_reads(concrete.graph, handles) == []
+
+    # The check can fail: a step that reads the memory densely is caught.
+    def reading_step(data):
+        out = model.train_step(data)
+        out["peek"] = model.memory.read()[0][0, 0]
+        return out
+
+    concrete = tf.function(reading_step).get_concrete_function((images, labels))
+    handles = {
+        placeholder.name
+        for tensor, placeholder in concrete.graph.captures
+        if tensor is embeddings.handle
+    }
+    assert _memory_reads(concrete.graph, handles)
