@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -135,18 +134,9 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- the test
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _run_workers(out: Path, count: int = 2):
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(count)]}
+def _run_workers(out: Path, ports: list[int]):
+    count = len(ports)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     path = os.pathsep.join([str(REPO)] + sys.path)
     procs, logs = [], []
     try:
@@ -183,8 +173,8 @@ def _run_workers(out: Path, count: int = 2):
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_memory_equal_to_one_device(tmp_path):
-    _run_workers(tmp_path)
+def test_two_workers_share_one_memory_equal_to_one_device(tmp_path, free_ports):
+    _run_workers(tmp_path, free_ports(2))
     workers = []
     for index in range(2):
         with np.load(tmp_path / f"worker{index}.npz") as results:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -173,19 +172,10 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- the tests
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _run(out: Path, mode: str, count: int) -> list[dict]:
-    """Runs `count` processes of this file in `mode`; their results."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(count)]}
+def _run(out: Path, mode: str, ports: list[int]) -> list[dict]:
+    """Runs one process of this file per port in `mode`; their results."""
+    count = len(ports)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     path = os.pathsep.join([str(REPO)] + sys.path)
     procs, logs = [], []
     try:
@@ -269,8 +259,8 @@ def _check_training(result):
 
 
 @pytest.mark.slow
-def test_two_workers_decode_each_image_of_the_global_batch_once(tmp_path):
-    workers = _run(tmp_path, "multiworker", 2)
+def test_two_workers_decode_each_image_of_the_global_batch_once(tmp_path, free_ports):
+    workers = _run(tmp_path, "multiworker", free_ports(2))
     batches = _check_replica_rows(workers, replicas=2)
     # Each worker decoded exactly its own rows of each step, each once.
     for index, worker in enumerate(workers):
@@ -283,8 +273,8 @@ def test_two_workers_decode_each_image_of_the_global_batch_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_mirrored_replicas_get_consecutive_rows_like_one_device(tmp_path):
-    (result,) = _run(tmp_path, "mirrored", 1)
+def test_mirrored_replicas_get_consecutive_rows_like_one_device(tmp_path, free_ports):
+    (result,) = _run(tmp_path, "mirrored", free_ports(1))
     assert int(result["num_replicas"]) == 2
     batches = _check_replica_rows([result], replicas=2)
     np.testing.assert_array_equal(result["decoded"], np.sort(batches.ravel()))
