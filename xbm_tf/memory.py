@@ -138,8 +138,8 @@ class CrossBatchMemory(keras.layers.Layer):
     def read(self):
         """Returns `(embeddings (M, D) in memory_dtype, labels (M,), valid (M,))`.
 
-        Without XLA, reading the embeddings copies them once the memory has been
-        written (see `read_labels`).
+        Outside XLA, an op that reads these embeddings densely copies all of them
+        once the memory has been written (see `read_labels`).
         """
         return (ops.convert_to_tensor(self.embeddings), *self.read_labels())
 

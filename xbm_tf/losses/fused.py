@@ -130,7 +130,7 @@ def fused_contrastive_loss(
         The per-query losses, float32 of shape `(B,)`.
 
     Example:
-    >>> _, key_labels, valid = memory.read()
+    >>> key_labels, valid = memory.read_labels()
     >>> losses = fused_contrastive_loss(
     ...     q, y, memory.embeddings, key_labels, key_mask=valid)
     """
