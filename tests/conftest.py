@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,6 +16,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -22,17 +29,69 @@ def _seed():
     yield
 
 
+def _free_ports(count):
+    """`count` TCP ports free on 127.0.0.1 now."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    found = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return found
+
+
 @pytest.fixture
-def free_ports():
-    """A function: `free_ports(n)` gives n TCP ports free on 127.0.0.1 now."""
+def run_processes():
+    """A function that runs `count` Python processes of one script and waits.
 
-    def ports(count):
-        sockets = [socket.socket() for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        found = [s.getsockname()[1] for s in sockets]
-        for s in sockets:
-            s.close()
-        return found
+    `run_processes(script, args, out, count, log_prefix, timeout, cluster=True)`
+    starts `python script *args` `count` times with the repository on
+    PYTHONPATH, process i logging to `out/<log_prefix><i>.log`; with `cluster`,
+    each gets a TF_CONFIG naming it worker i of a cluster on free local ports.
+    It stops waiting as soon as one process fails (a dead worker leaves the
+    others blocked in a collective) or `timeout` seconds pass, kills what still
+    runs, and fails the test with the log tail of the first process that did not
+    exit with 0.
+    """
 
-    return ports
+    def run(script, args, out, count, log_prefix, timeout, cluster=True):
+        hosts = [f"127.0.0.1:{port}" for port in _free_ports(count)]
+        path = os.pathsep.join([str(REPO)] + sys.path)
+        procs, logs = [], []
+        try:
+            for index in range(count):
+                env = dict(os.environ, PYTHONPATH=path)
+                if cluster:
+                    task = {"type": "worker", "index": index}
+                    env["TF_CONFIG"] = json.dumps(
+                        {"cluster": {"worker": hosts}, "task": task}
+                    )
+                log = open(out / f"{log_prefix}{index}.log", "w")
+                logs.append(log)
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(script), *map(str, args)],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+            deadline = time.monotonic() + timeout
+            while any(p.poll() is None for p in procs):
+                failed = [p for p in procs if p.poll() not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for log in logs:
+                log.close()
+        for index, p in enumerate(procs):
+            if p.returncode != 0:
+                text = (out / f"{log_prefix}{index}.log").read_text()[-4000:]
+                pytest.fail(f"process {index} exited with {p.returncode}:\n{text}")
+
+    return run

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 
 DIM_IN, DIM_OUT, BATCH = 12, 6, 8
 MEMORY, WARMUP, EPOCHS, STEPS = 28, 2, 2, 6  # 10 enqueues of 8 rows wrap 28 rows
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for both workers, TensorFlow start-up included
 
 
@@ -134,47 +132,9 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- the test
 
 
-def _run_workers(out: Path, ports: list[int]):
-    count = len(ports)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    path = os.pathsep.join([str(REPO)] + sys.path)
-    procs, logs = [], []
-    try:
-        for index in range(count):
-            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), PYTHONPATH=path)
-            log = open(out / f"worker{index}.log", "w")
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, str(out)],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        deadline = time.monotonic() + TIMEOUT
-        while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                break  # a dead worker leaves the other blocked in a collective
-            time.sleep(0.5)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    for index, p in enumerate(procs):
-        if p.returncode != 0:
-            text = (out / f"worker{index}.log").read_text()[-4000:]
-            pytest.fail(f"worker {index} exited with {p.returncode}:\n{text}")
-
-
 @pytest.mark.slow
-def test_two_workers_share_one_memory_equal_to_one_device(tmp_path, free_ports):
-    _run_workers(tmp_path, free_ports(2))
+def test_two_workers_share_one_memory_equal_to_one_device(tmp_path, run_processes):
+    run_processes(__file__, [tmp_path], tmp_path, 2, "worker", TIMEOUT)
     workers = []
     for index in range(2):
         with np.load(tmp_path / f"worker{index}.npz") as results:

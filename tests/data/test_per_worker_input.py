@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,6 @@ import pytest
 P, K, SIZE, STEPS, EPOCHS, FIT_STEPS = 4, 2, 8, 5, 2, 3
 MEMORY, WARMUP, SEED = 20, 1, 7
 TIMEOUT = 600  # seconds for the processes, TensorFlow start-up included
-REPO = Path(__file__).resolve().parents[2]
 # 7 classes with 1 to 7 images: classes smaller than K repeat images.
 LABELS = np.repeat(np.arange(7) * 3 + 2, np.arange(1, 8))
 
@@ -172,46 +169,10 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- the tests
 
 
-def _run(out: Path, mode: str, ports: list[int]) -> list[dict]:
-    """Runs one process of this file per port in `mode`; their results."""
-    count = len(ports)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    path = os.pathsep.join([str(REPO)] + sys.path)
-    procs, logs = [], []
-    try:
-        for index in range(count):
-            env = dict(os.environ, PYTHONPATH=path)
-            if mode == "multiworker":
-                task = {"type": "worker", "index": index}
-                env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": task})
-            log = open(out / f"{mode}{index}.log", "w")
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, str(out), mode],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        deadline = time.monotonic() + TIMEOUT
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # a dead worker leaves the other blocked in a collective
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    for index, p in enumerate(procs):
-        if p.returncode != 0:
-            text = (out / f"{mode}{index}.log").read_text()[-4000:]
-            pytest.fail(f"process {index} exited with {p.returncode}:\n{text}")
+def _run(run_processes, out: Path, mode: str, count: int) -> list[dict]:
+    """Runs `count` processes of this file in `mode`; their results."""
+    cluster = mode == "multiworker"
+    run_processes(__file__, [out, mode], out, count, mode, TIMEOUT, cluster=cluster)
     names = ["mirrored"] if mode == "mirrored" else [f"worker{i}" for i in range(count)]
     results = []
     for name in names:
@@ -259,8 +220,10 @@ def _check_training(result):
 
 
 @pytest.mark.slow
-def test_two_workers_decode_each_image_of_the_global_batch_once(tmp_path, free_ports):
-    workers = _run(tmp_path, "multiworker", free_ports(2))
+def test_two_workers_decode_each_image_of_the_global_batch_once(
+    tmp_path, run_processes
+):
+    workers = _run(run_processes, tmp_path, "multiworker", 2)
     batches = _check_replica_rows(workers, replicas=2)
     # Each worker decoded exactly its own rows of each step, each once.
     for index, worker in enumerate(workers):
@@ -273,8 +236,10 @@ def test_two_workers_decode_each_image_of_the_global_batch_once(tmp_path, free_p
 
 
 @pytest.mark.slow
-def test_mirrored_replicas_get_consecutive_rows_like_one_device(tmp_path, free_ports):
-    (result,) = _run(tmp_path, "mirrored", free_ports(1))
+def test_mirrored_replicas_get_consecutive_rows_like_one_device(
+    tmp_path, run_processes
+):
+    (result,) = _run(run_processes, tmp_path, "mirrored", 1)
     assert int(result["num_replicas"]) == 2
     batches = _check_replica_rows([result], replicas=2)
     np.testing.assert_array_equal(result["decoded"], np.sort(batches.ravel()))
