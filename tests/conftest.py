@@ -14,16 +14,17 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from xbm_tf.losses import contrastive_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
 def _seed():
-    import keras
-
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)
     yield
@@ -95,3 +96,32 @@ def run_processes():
                 pytest.fail(f"process {index} exited with {p.returncode}:\n{text}")
 
     return run
+
+
+@keras.saving.register_keras_serializable(
+    package="xbm_tf_tests", name="scaled_contrastive"
+)
+def _scaled_contrastive(
+    query_embeddings,
+    query_labels,
+    key_embeddings,
+    key_labels,
+    key_mask=None,
+    query_key_index=None,
+    scale: float = 1.0,
+):
+    return scale * contrastive_loss(
+        query_embeddings,
+        query_labels,
+        key_embeddings,
+        key_labels,
+        key_mask=key_mask,
+        query_key_index=query_key_index,
+    )
+
+
+@pytest.fixture
+def scaled_contrastive():
+    """A custom pair-loss function registered with Keras (`scale` times the
+    contrastive loss), for the tests that save and load custom losses."""
+    return _scaled_contrastive

@@ -10,27 +10,6 @@ import tensorflow as tf
 from xbm_tf import ContrastiveLoss, TripletLoss, XBMContrastiveModel
 from xbm_tf.losses import PairLoss, contrastive_loss, triplet_loss
 
-
-@keras.saving.register_keras_serializable(package="xbm_tf_tests")
-def model_scaled_contrastive(
-    query_embeddings,
-    query_labels,
-    key_embeddings,
-    key_labels,
-    key_mask=None,
-    query_key_index=None,
-    scale: float = 1.0,
-):
-    return scale * contrastive_loss(
-        query_embeddings,
-        query_labels,
-        key_embeddings,
-        key_labels,
-        key_mask=key_mask,
-        query_key_index=query_key_index,
-    )
-
-
 DIM_IN, DIM_OUT, BATCH = 6, 4, 8
 
 
@@ -91,17 +70,19 @@ def test_compile_arguments_that_cannot_apply_are_errors():
         model.fit(x, y, class_weight={0: 1.0, 1: 2.0, 2: 1, 3: 1}, verbose=0)
 
 
-def test_custom_pair_loss_round_trips_through_a_keras_file(tmp_path):
+def test_custom_pair_loss_round_trips_through_a_keras_file(
+    tmp_path, scaled_contrastive
+):
     x, y = _data(n=BATCH)
     model = XBMContrastiveModel(
-        _embedder(), memory_size=16, loss=PairLoss(model_scaled_contrastive, scale=2.5)
+        _embedder(), memory_size=16, loss=PairLoss(scaled_contrastive, scale=2.5)
     )
     model.compile(optimizer="sgd")
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
     path = tmp_path / "custom.keras"
     model.save(path)
     restored = keras.models.load_model(path)
-    assert restored.pair_loss.fn is model_scaled_contrastive
+    assert restored.pair_loss.fn is scaled_contrastive
     assert restored.pair_loss.hyper_parameters == {"scale": 2.5}
     assert restored.compiled and restored.optimizer.name == model.optimizer.name
     e = model.predict(x, verbose=0)

@@ -227,27 +227,7 @@ def test_configs_saved_with_the_old_names_still_load():
 # --- Custom losses save -----------------------------------------------------------
 
 
-@keras.saving.register_keras_serializable(package="xbm_tf_tests")
-def scaled_contrastive(
-    query_embeddings,
-    query_labels,
-    key_embeddings,
-    key_labels,
-    key_mask=None,
-    query_key_index=None,
-    scale: float = 1.0,
-):
-    return scale * contrastive_loss(
-        query_embeddings,
-        query_labels,
-        key_embeddings,
-        key_labels,
-        key_mask=key_mask,
-        query_key_index=query_key_index,
-    )
-
-
-def test_custom_pair_loss_round_trips_through_serialization():
+def test_custom_pair_loss_round_trips_through_serialization(scaled_contrastive):
     loss = PairLoss(scaled_contrastive, scale=3.0)
     clone = keras.losses.deserialize(keras.losses.serialize(loss))
     assert type(clone) is PairLoss and clone.fn is scaled_contrastive
