@@ -101,17 +101,8 @@ def test_exact_engines_identical_recall_on_exact_ties():
         assert "approximate" not in got
 
 
-def _clustered(n, num_classes, dim, noise, seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, num_classes, size=n)
-    centers = rng.standard_normal((num_classes, dim))
-    x = centers[labels] + noise * rng.standard_normal((n, dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels
-
-
-def test_scann_ah_is_close_to_exact_and_labelled_approximate():
-    x, y = _clustered(3000, 60, 32, noise=0.6, seed=1)
+def test_scann_ah_is_close_to_exact_and_labelled_approximate(clustered):
+    x, y = clustered(3000, 60, 32, noise=0.6, seed=1)
     exact, _ = retrieval.nearest_neighbors(x, k=10, backend="exact")
     approx, scores = retrieval.nearest_neighbors(x, k=10, backend="scann_ah")
     assert approx.shape == (3000, 10) and approx.min() >= 0
@@ -130,7 +121,7 @@ def test_scann_ah_is_close_to_exact_and_labelled_approximate():
     assert abs(got["map@r"] - want["map@r"]) < 0.1
 
 
-def test_scann_ah_completes_short_rows_exactly(monkeypatch):
+def test_scann_ah_completes_short_rows_exactly(monkeypatch, clustered):
     # Searching 1 leaf of 20 cannot fill 100 neighbours: ScaNN pads those rows
     # with (0, NaN); they are searched exactly instead.
     import scann
@@ -141,7 +132,7 @@ def test_scann_ah_completes_short_rows_exactly(monkeypatch):
         return builder.score_ah(2).reorder(n).build()
 
     monkeypatch.setattr(engines, "_scann_ah_searcher", one_leaf)
-    x, _ = _clustered(300, 10, 8, noise=1.0, seed=2)
+    x, _ = clustered(300, 10, 8, noise=1.0, seed=2)
     idx, scores = retrieval.nearest_neighbors(x, k=100, backend="scann_ah")
     want_idx, want_scores = retrieval.nearest_neighbors(x, k=100, backend="exact")
     assert np.isfinite(scores).all()

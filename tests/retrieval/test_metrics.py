@@ -14,15 +14,6 @@ from xbm_tf.retrieval import metrics as metrics_module
 BACKENDS = ev.EXACT_ENGINES  # exact_rank, exact, scann
 
 
-def _clustered(n, num_classes, dim, noise, seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, num_classes, size=n)
-    centers = rng.standard_normal((num_classes, dim))
-    x = centers[labels] + noise * rng.standard_normal((n, dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels
-
-
 def _unit(degrees):
     a = np.deg2rad(np.asarray(degrees, np.float64))
     return np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
@@ -55,8 +46,8 @@ def _reference(q, ql, g=None, gl=None, ks=(1,)):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_leave_one_out_matches_reference(backend):
-    x, y = _clustered(300, 40, 16, noise=1.0, seed=0)
+def test_leave_one_out_matches_reference(backend, clustered):
+    x, y = clustered(300, 40, 16, noise=1.0, seed=0)
     ks = (1, 2, 4, 8, 16)
     recall, map_r, rp, nbrs = _reference(x, y, ks=ks)
     assert 0.3 < recall[1] < 0.95  # the data is neither trivial nor hopeless
@@ -71,8 +62,8 @@ def test_leave_one_out_matches_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_query_gallery_matches_reference(backend):
-    x, y = _clustered(400, 30, 12, noise=1.2, seed=1)
+def test_query_gallery_matches_reference(backend, clustered):
+    x, y = clustered(400, 30, 12, noise=1.2, seed=1)
     q, ql, g, gl = x[:150], y[:150], x[150:], y[150:]
     ks = (1, 10, 20, 30)
     recall, map_r, rp, nbrs = _reference(q, ql, g, gl, ks=ks)
@@ -85,8 +76,8 @@ def test_query_gallery_matches_reference(backend):
     np.testing.assert_array_equal(idx, np.array([n[:30] for n in nbrs]))
 
 
-def test_exact_block_size_does_not_change_results():
-    x, y = _clustered(123, 10, 8, noise=1.0, seed=2)
+def test_exact_block_size_does_not_change_results(clustered):
+    x, y = clustered(123, 10, 8, noise=1.0, seed=2)
     full = ev.nearest_neighbors(x, k=5, backend="exact", block_size=1024)
     for block in (1, 7, 122):
         got = ev.nearest_neighbors(x, k=5, backend="exact", block_size=block)
@@ -95,8 +86,8 @@ def test_exact_block_size_does_not_change_results():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_k_equal_to_gallery_size(backend):
-    x, y = _clustered(20, 4, 6, noise=1.0, seed=3)
+def test_k_equal_to_gallery_size(backend, clustered):
+    x, y = clustered(20, 4, 6, noise=1.0, seed=3)
     _, _, _, nbrs = _reference(x, y)
     idx, _ = ev.nearest_neighbors(x, k=19, backend=backend)
     np.testing.assert_array_equal(idx, np.array(nbrs))
@@ -105,8 +96,8 @@ def test_k_equal_to_gallery_size(backend):
     assert sorted(idx[0].tolist()) == list(range(15))
 
 
-def test_scann_agrees_with_exact_on_larger_data():
-    x, y = _clustered(3000, 500, 32, noise=1.0, seed=4)
+def test_scann_agrees_with_exact_on_larger_data(clustered):
+    x, y = clustered(3000, 500, 32, noise=1.0, seed=4)
     ks = (1, 10, 100)
     exact = ev.retrieval_metrics(x, y, ks=ks, backend="exact")
     scann = ev.retrieval_metrics(x, y, ks=ks, backend="scann")
@@ -209,8 +200,8 @@ def test_singleton_class_counts_as_miss_and_is_excluded_from_map(backend):
     assert got["recall@1"] == 0.0 and math.isnan(got["r_precision"])
 
 
-def test_metrics_from_neighbors_matches_search():
-    x, y = _clustered(200, 20, 8, noise=1.0, seed=6)
+def test_metrics_from_neighbors_matches_search(clustered):
+    x, y = clustered(200, 20, 8, noise=1.0, seed=6)
     idx, _ = ev.nearest_neighbors(x, k=50, backend="exact")
     got = ev.metrics_from_neighbors(idx, y, ks=(1, 5, 50))
     assert got == pytest.approx(ev.retrieval_metrics(x, y, ks=(1, 5, 50)))
@@ -288,12 +279,12 @@ def test_other_entry_points_validate():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_recall_beyond_the_search_counts_ranks_exactly(backend, monkeypatch):
+def test_recall_beyond_the_search_counts_ranks_exactly(backend, monkeypatch, clustered):
     # R@K for every K comes from counting the rank of each query's best
     # same-class item (the search cap, here 2, only bounds the top-R search and
     # the large-class fallback); it must equal the loop for K far past the cap.
     monkeypatch.setattr(metrics_module, "SEARCH_K_CAP", 2)
-    x, y = _clustered(300, 60, 16, noise=1.6, seed=7)
+    x, y = clustered(300, 60, 16, noise=1.6, seed=7)
     ks = (1, 2, 3, 10, 50, 299)
     recall, map_r, _, _ = _reference(x, y, ks=ks)
     assert recall[1] < recall[10] < recall[50] < 1.0
@@ -313,10 +304,12 @@ def test_recall_beyond_the_search_counts_ranks_exactly(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("block_size", [1, 7, 64, 1000])
-def test_rank_counting_is_independent_of_blocks_and_matches_the_loop(block_size):
+def test_rank_counting_is_independent_of_blocks_and_matches_the_loop(
+    block_size, clustered
+):
     # Leave-one-out counts the upper triangle once, updating rows and columns;
     # every block split must give the loop's ranks, and so must query/gallery.
-    x, y = _clustered(240, 50, 12, noise=1.4, seed=11)
+    x, y = clustered(240, 50, 12, noise=1.4, seed=11)
     ks = (1, 2, 5, 30, 239)
     recall, _, _, _ = _reference(x, y, ks=ks)
     assert recall[1] < recall[30] < 1.0
