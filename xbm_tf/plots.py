@@ -53,6 +53,14 @@ def _parents(path) -> str:
     return path
 
 
+def _save(fig, path, dpi) -> str:
+    """Lays out `fig` and writes it to `path` as a PNG; returns the path."""
+    fig.tight_layout()
+    path = _parents(path)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
 def plot_recall_curve(
     results,
     path,
@@ -122,10 +130,7 @@ def plot_recall_curve(
         ax.set_title(title)
     if None not in curves:
         ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = _parents(path)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
+    return _save(fig, path, dpi)
 
 
 def _to_rgb_uint8(images, name: str) -> np.ndarray:
@@ -365,10 +370,7 @@ def plot_feature_drift(
     ax.legend(loc="best")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = _parents(path)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
+    return _save(fig, path, dpi)
 
 
 def plot_ablation(
@@ -476,7 +478,4 @@ def plot_ablation(
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = _parents(path)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
+    return _save(fig, path, dpi)
