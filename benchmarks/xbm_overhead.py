@@ -199,7 +199,7 @@ def _xbm_part(memory, batch_size: int, jit: bool = True, fused: bool = True):
     `fused` runs the model's path (`memory_pair_loss`, i.e.
     `fused_contrastive_loss`); otherwise the generic `contrastive_loss`.
     """
-    loss = ContrastiveLoss(margin=_MARGIN)
+    loss = ContrastiveLoss(neg_margin=_MARGIN)
 
     @tf.function(jit_compile=jit)
     def step(queries, labels):
@@ -209,7 +209,7 @@ def _xbm_part(memory, batch_size: int, jit: bool = True, fused: bool = True):
             if fused:  # the variable itself, as the model passes it
                 key_labels, valid = memory.read_labels()
                 losses = memory_pair_loss(
-                    loss, queries, labels, memory.embeddings, key_labels, valid, rows
+                    loss, queries, labels, memory.keys(), key_labels, valid, rows
                 )
             else:
                 keys, key_labels, valid = memory.read()
@@ -220,7 +220,7 @@ def _xbm_part(memory, batch_size: int, jit: bool = True, fused: bool = True):
                     key_labels,
                     key_mask=valid,
                     query_key_index=rows,
-                    margin=_MARGIN,
+                    neg_margin=_MARGIN,
                 )
             total = tf.reduce_sum(losses) / float(batch_size)
         return total, tape.gradient(total, queries)
@@ -253,7 +253,7 @@ def _warm_up_compiler(batch_size: int) -> None:
 def _fresh_memory(dim: int, memory_size: int, rng, dtype: str = "float32"):
     """A `CrossBatchMemory` full of unit rows with labels from 1,000 classes."""
     memory = CrossBatchMemory(memory_size, dim, memory_dtype=dtype)
-    memory.embeddings.assign(ops.cast(_unit_rows(memory_size, dim, seed=3), dtype))
+    memory.assign_embeddings(_unit_rows(memory_size, dim, seed=3))
     memory.labels.assign(rng.integers(0, 1000, memory_size).astype(np.int32))
     memory.count.assign(memory_size)
     return memory

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -11,13 +13,15 @@ from xbm_tf import CrossBatchMemory, XBMContrastiveModel
 from xbm_tf.losses import contrastive_loss
 
 DIM_IN, DIM_OUT, BATCH, MEMORY = 10, 6, 8, 24
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_memory_stores_half_the_bytes_rounded_rows(dtype):
     full = CrossBatchMemory(32, 16)
     half = CrossBatchMemory(32, 16, memory_dtype=dtype)
-    assert half.embeddings.dtype == dtype and full.embeddings.dtype == "float32"
+    # Half precision is stored as its bit patterns (XLA scatters uint16 in place).
+    assert half.embeddings.dtype == "uint16" and full.embeddings.dtype == "float32"
     assert np.asarray(full.embeddings).nbytes == 32 * 16 * 4
     assert np.asarray(half.embeddings).nbytes == 32 * 16 * 2
     rows = np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32)
@@ -27,8 +31,35 @@ def test_half_memory_stores_half_the_bytes_rounded_rows(dtype):
     want = tf.cast(tf.cast(rows, dtype), "float32").numpy()
     np.testing.assert_array_equal(tf.cast(keys[:4], "float32").numpy(), want)
     assert np.abs(want - rows).max() > 0 and valid.numpy().sum() == 4
+    np.testing.assert_array_equal(
+        np.asarray(half.embeddings)[:4],
+        tf.bitcast(tf.cast(rows, dtype), tf.uint16).numpy(),
+    )
+    keys_in_place = half.keys()
+    assert keys_in_place.dtype == dtype and keys_in_place.storage_dtype == "uint16"
     clone = CrossBatchMemory.from_config(half.get_config())
-    assert clone.memory_dtype == dtype and clone.embeddings.dtype == dtype
+    assert clone.memory_dtype == dtype and clone.read()[0].dtype == dtype
+
+    half.assign_embeddings(np.full((32, 16), 0.1, np.float32))
+    np.testing.assert_array_equal(
+        tf.cast(half.read()[0], "float32").numpy(),
+        np.full((32, 16), tf.cast(tf.cast(0.1, dtype), "float32").numpy()),
+    )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_enqueue_under_xla_writes_the_eager_bits(dtype):
+    rng = np.random.default_rng(2)
+    memories = [CrossBatchMemory(12, 5, memory_dtype=dtype) for _ in range(2)]
+    enqueue_xla = tf.function(memories[1].enqueue, jit_compile=True)
+    for step in range(4):  # wraps the ring; step 2 is gated off
+        rows = rng.normal(size=(5, 5)).astype(np.float32)
+        labels = np.arange(5) + 10 * step
+        memories[0].enqueue(rows, labels, active=tf.constant(step != 2))
+        enqueue_xla(tf.constant(rows), tf.constant(labels), tf.constant(step != 2))
+    for a, b in zip(memories[0].weights, memories[1].weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(memories[1].count.numpy()) == 12
 
 
 def test_bad_memory_dtype_is_named():
@@ -111,8 +142,8 @@ def test_eager_and_xla_agree_with_a_bfloat16_memory():
         np.asarray(eager.memory.labels), np.asarray(xla.memory.labels)
     )
     np.testing.assert_allclose(
-        tf.cast(eager.memory.embeddings, "float32").numpy(),
-        tf.cast(xla.memory.embeddings, "float32").numpy(),
+        tf.cast(eager.memory.read()[0], "float32").numpy(),
+        tf.cast(xla.memory.read()[0], "float32").numpy(),
         atol=2.0**-7,  # one bfloat16 step of a unit-vector component
     )
 
@@ -120,9 +151,7 @@ def test_eager_and_xla_agree_with_a_bfloat16_memory():
 def _same_memory(a, b):
     assert b.memory.embeddings.dtype == a.memory.embeddings.dtype
     for x, y in zip(a.memory.weights, b.memory.weights):
-        np.testing.assert_array_equal(
-            tf.cast(x, "float32").numpy(), tf.cast(y, "float32").numpy()
-        )
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -145,3 +174,19 @@ def test_keras_weights_and_checkpoint_files_restore_a_half_memory(dtype, tmp_pat
     path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
     tf.train.Checkpoint(model=fresh).read(path).assert_existing_objects_matched()
     _same_memory(model, fresh)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_files_saved_with_half_values_load_as_bits(dtype):
+    # Written by the code before half-precision memories were stored as bit
+    # patterns (commit 6bd4f40): the memory variable held bfloat16 / float16
+    # values, rows linspace(-1, 1, 32).reshape(8, 4), count 8.
+    path = FIXTURES / f"half_memory_values_{dtype}.keras"
+    model = keras.models.load_model(path)
+    want = tf.cast(np.linspace(-1, 1, 32, dtype=np.float32).reshape(8, 4), dtype)
+    assert model.memory.embeddings.dtype == "uint16"
+    np.testing.assert_array_equal(
+        tf.cast(model.memory.read()[0], "float32").numpy(),
+        tf.cast(want, "float32").numpy(),
+    )
+    assert int(model.memory.count.numpy()) == 8

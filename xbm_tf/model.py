@@ -228,16 +228,16 @@ class XBMContrastiveModel(keras.Model):
         # the memory as it is, and the (then empty) memory loss is zeroed.
         active = ops.greater_equal(training_step, self.xbm_start_step)
         rows = self.memory.enqueue(all_embeddings, all_labels, active=active)
-        # The embeddings go as the variable itself: the fused contrastive loss
-        # reads it inside XLA, in place. A dense read outside XLA would copy the
-        # whole (M, D) buffer on every step, since the scatter of the enqueue puts
-        # the variable in TensorFlow's copy-on-read mode.
+        # The embeddings go as the variable itself (`keys()`): the fused
+        # contrastive loss reads it inside XLA, in place. A dense read outside
+        # XLA would copy the whole (M, D) buffer on every step, since the scatter
+        # of the enqueue puts the variable in TensorFlow's copy-on-read mode.
         key_labels, valid = self.memory.read_labels()
         losses = memory_pair_loss(
             self.pair_loss,
             embeddings,
             labels,
-            self.memory.embeddings,
+            self.memory.keys(),
             key_labels,
             key_mask=valid,
             query_key_index=ops.take(rows, own),

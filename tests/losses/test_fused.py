@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from xbm_tf import XBMContrastiveModel, build_embedding_model
+from xbm_tf import CrossBatchMemory, XBMContrastiveModel, build_embedding_model
 from xbm_tf.losses import (
     ContrastiveLoss,
     TripletLoss,
@@ -163,19 +163,30 @@ def test_memory_pair_loss_routes_contrastive_to_the_fused_loss():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_variable_as_keys_equals_its_tensor(mode, dtype):
-    # The model passes the memory's variable (read in place inside XLA); after a
-    # scatter has written it, as the enqueue does, values and gradients must
-    # equal those of the same keys given as a tensor.
-    q, ql, k, kl, mask, own = _problem(3)
+def _written_keys(source, k, dtype):
+    """`(keys to pass, the same keys as a tensor)`, written by a scatter."""
+    if source == "memory":  # uint16 bit patterns for bfloat16
+        memory = CrossBatchMemory(len(k), k.shape[1], memory_dtype=dtype)
+        memory.enqueue(k, np.zeros(len(k), np.int64))
+        return memory.keys(), tf.cast(k, dtype)
     variable = tf.Variable(tf.zeros(k.shape, dtype), trainable=False)
     tf.raw_ops.ResourceScatterUpdate(
         resource=variable.handle,
         indices=tf.range(len(k)),
         updates=tf.cast(k, dtype),
     )
+    return variable, tf.constant(variable.numpy())
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("source", ["variable", "memory"])
+def test_a_variable_as_keys_equals_its_tensor(mode, dtype, source):
+    # The model passes the memory's variable (`CrossBatchMemory.keys()`, read in
+    # place inside XLA); after a scatter has written it, as the enqueue does,
+    # values and gradients must equal those of the same keys given as a tensor.
+    q, ql, k, kl, mask, own = _problem(3)
+    keys_in_place, tensor = _written_keys(source, k, dtype)
     weights = np.linspace(0.5, 2.0, len(q)).astype(np.float32)
 
     def run(keys):
@@ -190,11 +201,21 @@ def test_a_variable_as_keys_equals_its_tensor(mode, dtype):
             step = tf.function(step, jit_compile=mode == "xla")
         return [np.asarray(t) for t in step(tf.constant(q))]
 
-    want = run(tf.constant(variable.numpy()))
-    got = run(variable)
+    want = run(tensor)
+    got = run(keys_in_place)
     assert np.abs(want[1]).max() > 0.1  # a real gradient
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_other_losses_read_the_memory_keys_densely():
+    q, ql, k, kl, mask, own = _problem(6)
+    keys_in_place, tensor = _written_keys("memory", k, "bfloat16")
+    triplet = TripletLoss(margin=0.2, mining="hard")
+    got = memory_pair_loss(triplet, q, ql, keys_in_place, kl, mask, own)
+    plain = tf.cast(tensor, "float32")
+    want = triplet_loss(q, ql, plain, kl, mask, own, margin=0.2, mining="hard")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def _memory_reads(graph, handle_names):

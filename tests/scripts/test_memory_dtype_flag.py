@@ -26,5 +26,6 @@ def test_memory_dtype_flag_builds_the_memory_in_that_dtype(dtype, monkeypatch):
     finally:
         FLAGS.unparse_flags()
     assert model.memory_dtype == dtype
-    assert model.memory.embeddings.dtype == dtype
-    assert tuple(model.memory.embeddings.shape) == (40, 16)  # smoke.flags
+    keys, _, _ = model.memory.read()
+    assert keys.dtype == dtype
+    assert tuple(keys.shape) == (40, 16)  # smoke.flags

@@ -36,39 +36,59 @@ MATMUL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _keys_of(key_embeddings):
-    """`(keys, dtype, shape)`: the keys as a tensor, or a variable's resource handle.
+    """`(keys, dtype, storage_dtype, shape)`: the keys as a tensor, or a handle.
 
-    A variable (a `tf.Variable` or a Keras variable of the TensorFlow backend) is
-    passed on as its handle, to be read inside XLA; anything else is converted to
-    a tensor.
+    A `CrossBatchMemory.keys()` (anything with `handle`, `dtype`, `storage_dtype`
+    and `shape`), a `tf.Variable` or a Keras variable of the TensorFlow backend
+    is passed on as its resource handle, to be read inside XLA; anything else is
+    converted to a tensor.
     """
     handle = getattr(key_embeddings, "handle", None)
     if isinstance(handle, tf.Tensor) and handle.dtype == tf.resource:
+        dtype = tf.as_dtype(key_embeddings.dtype)
+        storage_dtype = tf.as_dtype(getattr(key_embeddings, "storage_dtype", dtype))
         shape = tf.TensorShape(key_embeddings.shape)
-        return handle, tf.as_dtype(key_embeddings.dtype), shape
+        return handle, dtype, storage_dtype, shape
     keys = tf.stop_gradient(tf.convert_to_tensor(key_embeddings))
-    return keys, keys.dtype, keys.shape
+    return keys, keys.dtype, keys.dtype, keys.shape
 
 
-def _read(keys, dtype, shape):
-    """The key values inside an XLA function: read a handle in place."""
+def _read(keys, dtype, storage_dtype, shape):
+    """The key values: a handle is read in place (inside XLA) and, when it
+    stores bit patterns, bit-cast to `dtype`."""
     if keys.dtype != tf.resource:
         return keys
-    value = tf.raw_ops.ReadVariableOp(resource=keys, dtype=dtype)
+    value = tf.raw_ops.ReadVariableOp(resource=keys, dtype=storage_dtype)
     value.set_shape(shape)
+    if storage_dtype != dtype:
+        value = tf.bitcast(value, dtype)
     return tf.stop_gradient(value)
+
+
+def dense_keys(key_embeddings):
+    """The keys as one dense tensor, for a loss that has no in-place read."""
+    return tf.stop_gradient(_read(*_keys_of(key_embeddings)))
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _forward(
-    queries, keys, query_labels, key_labels, key_mask, own, margin, dtype, shape
+    queries,
+    keys,
+    query_labels,
+    key_labels,
+    key_mask,
+    own,
+    margin,
+    dtype,
+    storage_dtype,
+    shape,
 ):
     """Per-query losses and `dL/ds`, in one XLA function.
 
     Args:
         queries: `(B, D)` float32.
-        keys: `(M, D)` keys, or a variable's resource handle (with `dtype` and
-            `shape`, Python values).
+        keys: `(M, D)` keys, or a variable's resource handle (with `dtype`,
+            `storage_dtype` and `shape`, Python values).
         query_labels, key_labels: int64 `(B,)` and `(M,)`.
         key_mask: bool `(M,)`.
         own: int32 `(B,)`, the key index of each query's own copy (-1: none).
@@ -77,7 +97,7 @@ def _forward(
     Returns:
         `(losses (B,) float32, coefficients (B, M) in the keys' dtype)`.
     """
-    keys = _read(keys, dtype, shape)
+    keys = _read(keys, dtype, storage_dtype, shape)
     sim = tf.matmul(tf.cast(queries, keys.dtype), keys, transpose_b=True)
     s = tf.cast(sim, tf.float32)
     positive, negative = pair_masks(query_labels, key_labels, key_mask, own)
@@ -89,9 +109,9 @@ def _forward(
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _backward(coefficients, keys, upstream, dtype, shape):
+def _backward(coefficients, keys, upstream, dtype, storage_dtype, shape):
     """`g_i * sum_j c_ij k_j`: one `(B, M) x (M, D)` matmul in the keys' dtype."""
-    keys = _read(keys, dtype, shape)
+    keys = _read(keys, dtype, storage_dtype, shape)
     grad = tf.cast(tf.matmul(coefficients, keys), tf.float32)
     return grad * tf.cast(upstream, tf.float32)[:, tf.newaxis]
 
@@ -118,8 +138,8 @@ def fused_contrastive_loss(
         query_labels: `(B,)` integer labels.
         key_embeddings: `(M, D)` L2-normalised embeddings, float32, bfloat16 or
             float16; treated as constants (their gradient is None). A tensor,
-            or a variable (e.g. `CrossBatchMemory.embeddings`), which is then
-            read in place inside XLA rather than copied.
+            a variable, or `CrossBatchMemory.keys()`; the last two are read in
+            place inside XLA rather than copied.
         key_labels: `(M,)` integer labels.
         key_mask: optional boolean `(M,)`, False for keys that must be ignored.
         query_key_index: optional integer `(B,)`, the index of each query's own copy
@@ -132,9 +152,9 @@ def fused_contrastive_loss(
     Example:
     >>> key_labels, valid = memory.read_labels()
     >>> losses = fused_contrastive_loss(
-    ...     q, y, memory.embeddings, key_labels, key_mask=valid)
+    ...     q, y, memory.keys(), key_labels, key_mask=valid)
     """
-    keys, dtype, shape = _keys_of(key_embeddings)
+    keys, dtype, storage_dtype, shape = _keys_of(key_embeddings)
     if dtype.name not in MATMUL_DTYPES:
         raise ValueError(
             f"key_embeddings must be one of {MATMUL_DTYPES}, got {dtype.name}"
@@ -154,12 +174,21 @@ def fused_contrastive_loss(
     @tf.custom_gradient
     def loss(queries):
         losses, coefficients = _forward(
-            queries, keys, query_labels, key_labels, key_mask, own, margin, dtype, shape
+            queries,
+            keys,
+            query_labels,
+            key_labels,
+            key_mask,
+            own,
+            margin,
+            dtype,
+            storage_dtype,
+            shape,
         )
 
         def gradient(upstream):
             # d(sum_i g_i L_i)/dq_i = g_i * sum_j c_ij k_j.
-            return _backward(coefficients, keys, upstream, dtype, shape)
+            return _backward(coefficients, keys, upstream, dtype, storage_dtype, shape)
 
         return losses, gradient
 
@@ -186,7 +215,8 @@ def memory_pair_loss(
         pair_loss: the `PairLoss` of the model.
         query_embeddings, query_labels, key_embeddings, key_labels, key_mask,
             query_key_index: as in `contrastive_loss`; `key_embeddings` may be
-            the memory's variable (read in place by the fused loss).
+            `CrossBatchMemory.keys()` or a variable (read in place by the fused
+            loss).
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
@@ -204,7 +234,7 @@ def memory_pair_loss(
     return pair_loss.pair_loss(
         query_embeddings,
         query_labels,
-        tf.stop_gradient(tf.convert_to_tensor(key_embeddings)),
+        dense_keys(key_embeddings),
         key_labels,
         key_mask=key_mask,
         query_key_index=query_key_index,
