@@ -8,7 +8,9 @@ import pytest
 import tensorflow as tf
 
 from xbm_tf import ContrastiveLoss, TripletLoss, XBMContrastiveModel
+from xbm_tf.backup import TrainingBackup
 from xbm_tf.losses import PairLoss, contrastive_loss, triplet_loss
+from xbm_tf.terminate_on_nonfinite import NonFiniteLossError, TerminateOnNonFinite
 
 DIM_IN, DIM_OUT, BATCH = 6, 4, 8
 
@@ -102,10 +104,45 @@ def test_saving_an_unregistered_custom_loss_fails_with_a_clear_message(tmp_path)
             query_embeddings, query_labels, key_embeddings, key_labels
         )
 
+    # A good file already at the path must survive the failed save.
+    path = tmp_path / "m.keras"
+    good = XBMContrastiveModel(_embedder(), memory_size=16)
+    good(np.zeros((1, DIM_IN), np.float32))
+    good.save(path)
+    before = path.read_bytes()
     model = XBMContrastiveModel(_embedder(), memory_size=16, loss=PairLoss(my_loss))
     model(np.zeros((1, DIM_IN), np.float32))
     with pytest.raises(ValueError, match="PairLoss\\(my_loss\\) cannot be saved.*"):
+        model.save(path)
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="cannot be saved"):
+        model.save(tmp_path / "new.keras")
+    assert not (tmp_path / "new.keras").exists()
+
+
+def test_saving_an_unregistered_loss_subclass_fails_with_a_clear_message(tmp_path):
+    class HalfContrastive(ContrastiveLoss):  # not registered with Keras
+        pass
+
+    model = XBMContrastiveModel(
+        _embedder(), memory_size=16, loss=HalfContrastive(neg_margin=0.4)
+    )
+    model(np.zeros((1, DIM_IN), np.float32))
+    with pytest.raises(ValueError, match="HalfContrastive cannot be saved.*register"):
         model.save(tmp_path / "m.keras")
+    assert not (tmp_path / "m.keras").exists()
+    # Registered, it round-trips.
+    registered = keras.saving.register_keras_serializable(package="test_api")(
+        type("RegisteredContrastive", (ContrastiveLoss,), {})
+    )
+    model = XBMContrastiveModel(
+        _embedder(), memory_size=16, loss=registered(neg_margin=0.4)
+    )
+    model(np.zeros((1, DIM_IN), np.float32))
+    model.save(tmp_path / "r.keras")
+    restored = keras.models.load_model(tmp_path / "r.keras")
+    assert type(restored.pair_loss) is registered
+    assert restored.pair_loss.neg_margin == 0.4
 
 
 # --- Labels -----------------------------------------------------------------------
@@ -245,6 +282,60 @@ class _InfGradientOnBatch(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.layer.factor.assign(np.inf if batch == self.batch else 1.0)
+
+
+def test_nonfinite_weights_after_a_finite_loss_stop_before_the_backup(tmp_path):
+    # Step 2's gradient overflows while its loss is finite: the update makes the
+    # weights non-finite, and a backup after that step would save them.
+    def build():
+        factor = _GradientFactor()
+        embedder = keras.Sequential(
+            [
+                keras.Input((DIM_IN,)),
+                keras.layers.Dense(8),
+                factor,
+                keras.layers.Dense(4),
+            ]
+        )
+        model = XBMContrastiveModel(embedder, memory_size=40, xbm_start_step=0)
+        model.compile(optimizer=keras.optimizers.SGD(0.01))
+        return model, embedder, factor
+
+    keras.utils.set_random_seed(0)
+    model, embedder, factor = build()
+    x, y = _data(n=4 * BATCH)
+    losses = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"]))
+    )
+    backup = TrainingBackup(str(tmp_path / "backup"), every_steps=1)
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"weights became non-finite although every loss was finite .* "
+        r"at training step 2 \(epoch 1, step 2 of 4\)",
+    ):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+            callbacks=[
+                _InfGradientOnBatch(factor, batch=1),
+                record,
+                TerminateOnNonFinite(),
+                backup,
+            ],
+        )
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    assert not np.all(np.isfinite(embedder.layers[0].kernel.numpy()))
+    kept = sorted(p.name for p in (tmp_path / "backup").iterdir())
+    assert kept == ["step_000000001"]
+    restored, _, _ = build()
+    restored(x[:1])
+    assert TrainingBackup(str(tmp_path / "backup")).restore(restored) == 1
+    assert all(np.all(np.isfinite(w)) for w in restored.get_weights())
 
 
 def test_warm_up_counts_applied_updates_under_loss_scaling():

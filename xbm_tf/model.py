@@ -320,6 +320,17 @@ class XBMContrastiveModel(keras.Model):
         logs["memory_fill"] = self.memory.fill_fraction()
         return logs
 
+    def save(self, filepath, *args, **kwargs):
+        """`keras.Model.save`, after checking that the model can be serialized.
+
+        Keras opens (and so empties) the file before it serializes the model; a
+        loss that cannot be saved (an unregistered custom function or subclass)
+        then left an empty file in place of the one that was there. Serializing
+        the config first raises that error before the file is touched.
+        """
+        self.get_config()
+        return super().save(filepath, *args, **kwargs)
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -6,6 +6,7 @@ import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 __all__ = ["NonFiniteLossError", "TerminateOnNonFinite"]
 
@@ -36,17 +37,31 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
     makes them non-finite from that step on: the first step seen non-finite is
     the first bad step (with `steps_per_execution=N`, within the last N steps).
 
+    A step can also overflow a gradient while its loss is finite: its update
+    makes the weights non-finite, and only the next step's loss shows it, after
+    a backup or checkpoint of that step may have saved them. So after every step
+    the trainable weights are checked too (one compiled pass over them, small
+    next to a step), and non-finite weights stop training in the same way.
+
+    Args:
+        check_weights: also stop when a trainable weight is not finite.
+
     Example:
     >>> model.fit(train, epochs=10, steps_per_epoch=500,
     ...           callbacks=[TerminateOnNonFinite(), backup, checkpoint])
     """
 
-    def __init__(self):
+    def __init__(self, check_weights: bool = True):
         super().__init__()
+        self.check_weights = check_weights
         self._epoch = 0
+        self._weights_finite = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+
+    def on_train_begin(self, logs=None):
+        self._weights_finite = None  # the model's variables may have changed
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -54,20 +69,41 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
             if key not in logs:
                 continue
             value = float(np.asarray(logs[key]))
-            if math.isfinite(value):
-                continue
-            steps = (self.params or {}).get("steps")
-            if steps:
-                step = self._epoch * steps + batch + 1
-                where = (
-                    f"at training step {step} (epoch {self._epoch + 1}, step "
-                    f"{batch + 1} of {steps})"
-                )
-            else:
-                where = f"at epoch {self._epoch + 1}, step {batch + 1}"
-            raise NonFiniteLossError(
-                f"{description} became {value} {where}. Training stopped before "
-                "anything was saved after the last epoch end, so the last backup "
-                "and checkpoint are kept. Lower the learning rate, or check the "
-                "data for non-finite values"
+            if not math.isfinite(value):
+                self._stop(f"{description} became {value}", batch)
+        if self.check_weights and not self._finite_weights():
+            self._stop(
+                "the weights became non-finite although every loss was finite "
+                "(a gradient overflowed)",
+                batch,
             )
+
+    def _finite_weights(self) -> bool:
+        if self._weights_finite is None:
+            variables = [
+                v for v in self.model.trainable_variables if "float" in str(v.dtype)
+            ]
+
+            @tf.function
+            def finite():
+                checks = [tf.reduce_all(tf.math.is_finite(v.value)) for v in variables]
+                return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+            self._weights_finite = finite
+        return bool(self._weights_finite())
+
+    def _stop(self, what: str, batch: int):
+        steps = (self.params or {}).get("steps")
+        if steps:
+            step = self._epoch * steps + batch + 1
+            where = (
+                f"at training step {step} (epoch {self._epoch + 1}, step "
+                f"{batch + 1} of {steps})"
+            )
+        else:
+            where = f"at epoch {self._epoch + 1}, step {batch + 1}"
+        raise NonFiniteLossError(
+            f"{what} {where}. Training stopped before anything was saved after "
+            "that step, so the last backup and checkpoint are kept. Lower the "
+            "learning rate, or check the data for non-finite values"
+        )

@@ -151,6 +151,14 @@ def test_hyper_parameters_are_read_only_and_used():
     copy = loss.hyper_parameters
     copy["neg_margin"] = 0.0
     assert loss.neg_margin == 0.5
+    # The deprecated names are read-only too, and name the new one.
+    with pytest.raises(AttributeError, match="margin is the deprecated name of neg"):
+        loss.margin = -1.0
+    ms = MultiSimilarityLoss()
+    with pytest.raises(AttributeError, match="margin is the deprecated name of eps"):
+        ms.margin = -1.0
+    assert loss.hyper_parameters == {"neg_margin": 0.5}
+    assert ms.epsilon == hyper_parameters(multi_similarity_loss)["epsilon"]
 
 
 def test_unknown_hyper_parameter_is_named():

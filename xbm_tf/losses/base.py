@@ -207,6 +207,14 @@ class PairLoss(keras.losses.Loss):
         raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
     def __setattr__(self, name, value):
+        renamed = getattr(self.__dict__.get("_fn"), "renamed_hyper_parameters", {})
+        if name in renamed:  # a deprecated name: as read-only as the new one
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is the deprecated name of "
+                f"{renamed[name]}, and the hyper-parameters are read-only. Build a "
+                f"new loss, e.g. {type(self).__name__}({renamed[name]}={value!r}, "
+                "...), and pass it to the model or to compile(loss=...)"
+            )
         if name in self.__dict__.get("_hyper_parameters", {}) or name == "fn":
             raise AttributeError(
                 f"{type(self).__name__}.{name} is read-only: the hyper-parameters "
@@ -268,6 +276,8 @@ class PairLoss(keras.losses.Loss):
         config = {**super().get_config(), **self._hyper_parameters}
         if type(self) is PairLoss:
             config["fn"] = _serialize_function(self._fn)
+        else:
+            _check_registered_class(type(self))
         return config
 
     @classmethod
@@ -291,3 +301,15 @@ def _serialize_function(fn) -> dict:
             "before keras.models.load_model"
         )
     return keras.saving.serialize_keras_object(fn)
+
+
+def _check_registered_class(cls) -> None:
+    """A ValueError saying how, for a subclass Keras could not load again."""
+    if keras.saving.get_registered_object(keras.saving.get_registered_name(cls)) is cls:
+        return
+    raise ValueError(
+        f"{cls.__name__} cannot be saved: this PairLoss subclass is not registered "
+        "with Keras, so keras.models.load_model could not rebuild it. Decorate it "
+        "with @keras.saving.register_keras_serializable(package='your_package'), "
+        "and import that module before keras.models.load_model"
+    )
