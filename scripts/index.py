@@ -54,7 +54,9 @@ _SPLIT = flags.DEFINE_enum(
     "split", None, SPLITS, "The dataset split to index (or --images)."
 )
 _IMAGES = flags.DEFINE_string(
-    "images", None, "A folder of images to index (recursively); ids are the paths."
+    "images",
+    None,
+    "A folder of images to index (recursively); ids are their absolute paths.",
 )
 _OUTPUT = flags.DEFINE_string("output", None, "The retrieval SavedModel folder.")
 _INDEX = flags.DEFINE_enum(
@@ -79,9 +81,13 @@ def valid_splits(dataset: str) -> tuple[str, ...]:
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files under `folder`, recursively, sorted."""
+    """Absolute paths of the image files under `folder`, recursively, sorted.
+
+    Absolute, since they become the gallery's ids: `search.py` then finds the
+    results' images (for its grid) from any working directory.
+    """
     found = []
-    for root, _, files in os.walk(folder):
+    for root, _, files in os.walk(os.path.abspath(folder)):
         found += [
             os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)
         ]

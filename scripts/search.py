@@ -85,20 +85,30 @@ def load_images(image_set: data.ImageSet, source: dict) -> np.ndarray:
 
 
 def result_images(ids: np.ndarray, source: dict):
-    """`(images of the unique result ids, (Q, K) positions)` or None."""
-    unique, positions = np.unique(ids, return_inverse=True)
-    positions = positions.reshape(ids.shape)
+    """`(images of the unique result ids, (Q, K) positions)` or None.
+
+    A free slot of an approximate index (id -1 or "": its searched leaves held
+    fewer than k items) shows as a blank image, the last one.
+    """
+    free = ids == ("" if ids.dtype == object else -1)
+    unique, positions = np.unique(ids[~free], return_inverse=True)
+    if not len(unique):
+        return None
     if unique.dtype == object:
         if not all(os.path.isfile(p) for p in unique):
             return None
         files = data.ImageSet(list(unique), [0] * len(unique))
-        return load_images(files, source), positions
-    if "split" not in source or source.get("tfds") or (unique < 0).any():
+        images = load_images(files, source)
+    elif "split" not in source or source.get("tfds"):
         return None
-    loader = common.LOADERS[source["dataset"]]
-    splits = loader(source["data_dir"], source["max_per_class"])
-    image_set = getattr(splits, source["split"]).subset(unique)
-    return load_images(image_set, source), positions
+    else:
+        loader = common.LOADERS[source["dataset"]]
+        splits = loader(source["data_dir"], source["max_per_class"])
+        images = load_images(getattr(splits, source["split"]).subset(unique), source)
+    at = np.full(ids.shape, len(unique), np.int64)  # free slots: the blank image
+    at[~free] = positions
+    blank = np.zeros((1, *images.shape[1:]), images.dtype)
+    return np.concatenate([images, blank]), at
 
 
 def run(queries: list[str]) -> dict[str, np.ndarray]:
@@ -119,7 +129,8 @@ def run(queries: list[str]) -> dict[str, np.ndarray]:
     if found is None:
         print(
             "No grid: the ids are not image files and index.json names no dataset "
-            "split to read the results from",
+            "split to read the results from (TensorFlow Datasets galleries are not "
+            "read back)",
             flush=True,
         )
         return out

@@ -103,25 +103,42 @@ def test_index_split_then_search(parse, tmp_path, embedding_export, capsys):
         search.run(queries)
 
 
-def test_index_images_folder_ids_are_paths(parse, tmp_path, embedding_export, capsys):
+def test_index_images_folder_ids_are_paths(
+    parse, tmp_path, embedding_export, capsys, monkeypatch
+):
     paths = _write_pngs(_test_images(range(0, 120, 6)), tmp_path / "photos" / "a")
     out = tmp_path / "retrieval"
     parse(
         f"--model={embedding_export}",
-        f"--images={tmp_path / 'photos'}",
+        "--images=photos",
         f"--output={out}",
         "--search_k=3",
         "--nosprite",
     )
+    root = os.getcwd()
+    monkeypatch.chdir(tmp_path)  # --images relative: the ids are still absolute
     index.run()
     assert not (out / "projector" / "sprite.png").exists()
     metadata = (out / "projector" / "metadata.tsv").read_text().splitlines()
     assert metadata == paths  # one column: no header
+    monkeypatch.chdir(root)
     parse(f"--retrieval={out}")
+    monkeypatch.chdir(tmp_path / "photos")  # search from another folder
     result = search.run(paths[4:6])
     assert result["ids"][:, 0].tolist() == paths[4:6]  # each image finds itself
     np.testing.assert_allclose(result["scores"][:, 0], 1.0, atol=1e-5)
     assert (tmp_path / "search_results.png").exists()
+
+
+def test_free_slots_of_an_approximate_index_show_blank(tmp_path):
+    paths = _write_pngs(_test_images([0, 1]), tmp_path / "p")
+    source = {"resize_size": 28, "crop_size": 28, "channels": 1}
+    ids = np.array([[paths[1], ""], [paths[0], paths[1]]], dtype=object)
+    images, at = search.result_images(ids, source)
+    assert at.tolist() == [[1, 2], [0, 1]]  # unique sorted paths, then the blank
+    assert images.shape == (3, 28, 28, 1)
+    assert images[0].any() and images[1].any() and not images[2].any()
+    assert search.result_images(np.full((1, 2), -1), {"split": "test"}) is None
 
 
 @pytest.mark.parametrize(
