@@ -256,9 +256,11 @@ def test_reference_loops_on_queries_without_positives_negatives_or_mined_pairs(s
 
 def test_multi_similarity_mining_that_empties_one_side_costs_zero():
     # Positives at s = 0.9 and 0.8, negatives at s = 0.2 and 0.75. With epsilon
-    # 0.02 no negative has s + epsilon > min(s_pos) = 0.8: mining keeps none and
-    # the query costs 0 (its positive term alone would be 0.25). With epsilon 0.1
-    # the 0.75 negative is kept, and the positive 0.8 (0.8 - 0.1 < 0.75).
+    # 0.02 no negative has s + epsilon > min(s_pos) = 0.8: mining keeps none,
+    # and then no positive either (s - epsilon < max(s_neg) = 0.75 holds for
+    # none), so the query costs 0; mining cannot empty only the negative side.
+    # With epsilon 0.1 the 0.75 negative is kept, and the positive 0.8
+    # (0.8 - 0.1 < 0.75).
     q = _unit([[1.0, 0.0]])
     sims = np.array([0.9, 0.8, 0.2, 0.75])
     keys = np.stack([sims, np.sqrt(1 - sims**2)], axis=1).astype(np.float32)
