@@ -440,7 +440,8 @@ def write_table(results: dict[str, dict[str, float]], out_dir: str) -> str:
     columns = list(results)
     keys = list(results[columns[-1]])
     lines = [f"{'':>12} " + " ".join(f"{c:>10}" for c in columns)]
-    if any(results[c].get("approximate") for c in columns):
+    approximate = any(results[c].get("approximate") for c in columns)
+    if approximate:
         lines.insert(0, "APPROXIMATE search (scann_ah): values may be below exact.")
     for key in keys:
         values = " ".join(f"{results[c].get(key, float('nan')):10.4f}" for c in columns)
@@ -448,7 +449,10 @@ def write_table(results: dict[str, dict[str, float]], out_dir: str) -> str:
     print("\n".join(lines), flush=True)
     with open(os.path.join(out_dir, "retrieval.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plots.plot_recall_curve(results, os.path.join(out_dir, "recall_curve.png"))
+    title = "APPROXIMATE search (scann_ah)" if approximate else None
+    plots.plot_recall_curve(
+        results, os.path.join(out_dir, "recall_curve.png"), title=title
+    )
     return "\n".join(lines)
 
 

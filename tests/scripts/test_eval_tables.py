@@ -31,11 +31,20 @@ def test_eval_backend_flag_takes_the_engine_names():
         FLAGS.unparse_flags()
 
 
-def test_write_table_labels_approximate_results(tmp_path):
+def test_write_table_labels_approximate_results(tmp_path, monkeypatch):
+    titles = []
+    plot = common.plots.plot_recall_curve
+
+    def recording_plot(results, path, title=None):
+        titles.append(title)
+        return plot(results, path, title=title)
+
+    monkeypatch.setattr(common.plots, "plot_recall_curve", recording_plot)
     exact = {"recall@1": 0.5, "recall@2": 0.75, "map@r": 0.25}
     table = common.write_table({"after": exact}, str(tmp_path))
     assert "APPROXIMATE" not in table
     approx = dict(exact, approximate=1.0)
     table = common.write_table({"before": exact, "after": approx}, str(tmp_path))
     assert table.splitlines()[0].startswith("APPROXIMATE search (scann_ah)")
+    assert titles == [None, "APPROXIMATE search (scann_ah)"]  # the PNG says so too
     assert "    recall@1     0.5000     0.5000" in table
