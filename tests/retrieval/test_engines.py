@@ -56,6 +56,54 @@ def _near_ties(num_bases, variants, dim, num_classes, seed):
     return x[order], rng.integers(0, num_classes, size=len(x))
 
 
+def _exact_lists(q, g, k, loo):
+    """Top-k rows by exactly summed scores (math.fsum), ties by lower index."""
+    q64, g64 = q.astype(np.float64), g.astype(np.float64)
+    lists = []
+    for i in range(len(q)):
+        sims = [math.fsum(q64[i] * g64[j]) for j in range(len(g))]
+        cands = [j for j in range(len(g)) if not (loo and j == i)]
+        lists.append(sorted(cands, key=lambda j: (-sims[j], j))[:k])
+    return np.array(lists)
+
+
+def _near_duplicates(num, dim, seed):
+    """Unit rows, each followed (somewhere) by a copy with 1e-7 noise: the
+    copies' exact scores differ from the originals' by less than float32
+    rounding, so float32 kernels order the pairs by rounding noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((num, dim)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    noise = 1e-7 * rng.standard_normal(base.shape).astype(np.float32)
+    x = np.concatenate([base, base + noise])
+    return x[rng.permutation(len(x))]
+
+
+@pytest.mark.parametrize("loo", [True, False])
+def test_exact_lists_are_canonical_on_near_duplicates(loo):
+    # Every exact engine, at any block size, must return the order of the exact
+    # scores (equal ones by lower index), not the order of float32 noise.
+    x = _near_duplicates(100, 32, seed=4)
+    q = x if loo else _near_duplicates(25, 32, seed=5)
+    g = None if loo else x
+    k = 9
+    want = _exact_lists(q, x, k, loo)
+    for backend, block_size in (
+        ("exact", 7),
+        ("exact", 1024),
+        ("scann", 5),
+        ("scann", None),
+    ):
+        idx, scores = retrieval.nearest_neighbors(
+            q, g, k=k, backend=backend, block_size=block_size
+        )
+        np.testing.assert_array_equal(idx, want, err_msg=f"{backend} {block_size}")
+        assert np.all(np.diff(scores, axis=1) <= 0)
+    # The re-ranking is what gets it right: float32 top_k alone does not.
+    _, plain = engines._top_k_block(q, x, 0, k, loo)
+    assert not np.array_equal(plain.numpy(), want)
+
+
 def test_engine_names():
     assert retrieval.ENGINES == ("exact_rank", "exact", "scann", "scann_ah")
     assert retrieval.EXACT_ENGINES == ("exact_rank", "exact", "scann")

@@ -113,6 +113,38 @@ def test_exact_fallback_equals_exact_search(model, tmp_path, monkeypatch):
     np.testing.assert_array_equal(out["scores"], scores)
 
 
+def _near_duplicates(num, seed):
+    """Unit rows and copies with 1e-7 noise (float32 orders each pair by
+    rounding noise), plus queries near them."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((num, DIM)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    copies = base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32)
+    rows = np.concatenate([base, copies])[rng.permutation(2 * num)]
+    queries = base[:60] + 0.3 * rng.standard_normal((60, DIM)).astype(np.float32)
+    return rows, queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("tie_margin", [16, 0])  # 0: every query searched whole
+def test_brute_force_equals_exact_search_on_near_duplicates(
+    model, tmp_path, monkeypatch, tie_margin
+):
+    from xbm_tf.retrieval import serving
+
+    monkeypatch.setattr(serving, "_TIE_MARGIN", tie_margin)
+    gallery, queries = _near_duplicates(300, seed=3)
+    path = export_retrieval_model(model, gallery, tmp_path / "r", k=7)
+    search = load_retrieval_model(path)
+    out = search.search_embeddings(queries)
+    idx, scores = nearest_neighbors(queries, gallery, k=7, backend="exact")
+    np.testing.assert_array_equal(out["ids"], idx)
+    np.testing.assert_allclose(out["scores"], scores, rtol=0, atol=1e-6)
+    # One query at a time gives the same lists as the batch.
+    for i in range(0, 60, 7):
+        single = search.search_embeddings(queries[i : i + 1])
+        np.testing.assert_array_equal(single["ids"][0], out["ids"][i])
+
+
 def test_tree_ah_recall_against_exact_search(model, tmp_path):
     # ScaNN's k-means differs between runs and machines (a CI machine found
     # recall 0.85 with the default 4 of 71 leaves, this one 0.91-0.93), so the

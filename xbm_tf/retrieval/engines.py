@@ -13,9 +13,17 @@ One name per engine; the same name selects the engine for every metric
   hashing + exact re-ordering of the candidates, for galleries too large for
   exact search; `retrieval_metrics` labels its results `"approximate": 1.0`.
 
-Neighbours are ordered by decreasing dot product; equal scores by increasing
-gallery index. The exact engines return identical Recall@K, ties and near-ties
-included (see `xbm_tf.retrieval.counting`).
+Neighbours are ordered by decreasing dot product, equal ones by increasing
+gallery index, with one definition of the order for every engine (as in
+`xbm_tf.retrieval.counting`): the exact dot products of the float32
+embeddings. The engines compute float32 scores, which order the items as their
+exact values wherever two scores are further apart than the float32 rounding
+band (`inputs.score_band`). A list with scores inside the band of each other
+(ties, duplicates, near-duplicates) is re-ranked from float64 dot products
+(`canonical_lists`), and a query whose band reaches past its last float32
+candidate is searched again in float64 (`canonical_rows`). So the exact engines
+return identical lists, and identical Recall@K; only items whose exact scores
+differ by less than float64 rounding (about 1e-16) may still be ordered apart.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from xbm_tf.retrieval import inputs
+from xbm_tf.retrieval import counting, inputs
 
 __all__ = ["APPROXIMATE_ENGINES", "ENGINES", "EXACT_ENGINES", "nearest_neighbors"]
 
@@ -31,6 +39,10 @@ ENGINES = ("exact_rank", "exact", "scann", "scann_ah")
 EXACT_ENGINES = ("exact_rank", "exact", "scann")
 APPROXIMATE_ENGINES = ("scann_ah",)
 _DEFAULT_BLOCK_SIZE = {"exact": 1024, "scann": 1024, "scann_ah": 1024}
+# Float32 candidates beyond the k-th, so that near-ties across the k-th are seen.
+CANDIDATE_MARGIN = 16
+# Float64 products re-scored at once (128 MB).
+_RESCORE_CHUNK = 2**24
 
 
 def check_engine(backend: str) -> str:
@@ -67,22 +79,83 @@ def _top_k_block(q_block, g, start, k, leave_one_out):
 
 
 def _exact_search(q, g, k, leave_one_out, block_size):
-    """Blocked matmul + top_k; memory is O(block_size * num_gallery)."""
+    """Blocked matmul + top_k, then the canonical order; memory is
+    O(block_size * num_gallery)."""
     g_t = tf.constant(g)
-    indices = np.empty((q.shape[0], k), np.int32)
-    scores = np.empty((q.shape[0], k), np.float32)
+    c = min(k + CANDIDATE_MARGIN, g.shape[0] - int(leave_one_out))
+    indices = np.empty((q.shape[0], c), np.int32)
+    scores = np.empty((q.shape[0], c), np.float32)
     for start in range(0, q.shape[0], block_size):
         stop = min(start + block_size, q.shape[0])
         values, idx = _top_k_block(
-            tf.constant(q[start:stop]), g_t, tf.constant(start), k, leave_one_out
+            tf.constant(q[start:stop]), g_t, tf.constant(start), c, leave_one_out
         )
         indices[start:stop] = idx.numpy()
         scores[start:stop] = values.numpy()
-    return indices, scores
+    return canonical_lists(q, g, indices, scores, k, leave_one_out)
 
 
-def exact_rows_numpy(q, g, rows, k, leave_one_out, chunk=256):
-    """Deterministic exact top-k for some query rows (ties by lower index)."""
+def canonical_lists(q, g, idx, scores, k, leave_one_out, exact=True):
+    """The top `k` of float32 candidate lists, in the canonical order.
+
+    Args:
+        q, g: float32 queries and gallery.
+        idx, scores: `(Q, c)` candidates, `c >= k`, by decreasing float32 score
+            (ties in any order); index -1 and score -inf for none; a query's own
+            row (leave-one-out) is not among them.
+        k: the list length returned.
+        leave_one_out: whether `g` is `q` (a query's own row is excluded).
+        exact: the candidates are the float32 top `c` (exact engines); then a
+            query whose rounding band reaches its last candidate is searched
+            again (`canonical_rows`). Queries with fewer than `k` candidates are
+            searched again in any case.
+
+    Returns:
+        `(indices int32 (Q, k), scores float32 (Q, k))`. A list whose float32
+        scores are further than the band apart from their neighbours (the
+        usual case) keeps its order and its float32 scores; the others are
+        re-scored in float64 (`counting.canonical_scores`) and re-ordered, and
+        return those scores rounded to float32.
+    """
+    idx = np.array(idx, np.int32)
+    scores = np.array(scores, np.float32)
+    num_queries, c = idx.shape
+    band = 2.0 * inputs.score_band(q, g)  # two different kernels
+    with np.errstate(invalid="ignore"):  # -inf - -inf: no candidate there
+        gaps = scores[:, :-1] - scores[:, 1:]  # positions 0..k decide the top k
+    near = np.any(gaps[:, :k] <= band[:, None], axis=1)
+    near &= np.isfinite(scores[:, 0])
+    # From the float32 scores: an item past the last candidate may reach the k-th.
+    redo = np.count_nonzero(idx >= 0, axis=1) < k
+    if exact and c < g.shape[0] - int(leave_one_out):
+        redo |= scores[:, c - 1] >= scores[:, k - 1] - band
+    rows = np.flatnonzero(near & ~redo)
+    chunk = max(1, _RESCORE_CHUNK // (c * q.shape[1]))
+    for start in range(0, rows.size, chunk):
+        sub = rows[start : start + chunk]
+        cand = idx[sub]
+        valid = cand >= 0
+        exact64 = counting.canonical_scores(q[sub], g[np.where(valid, cand, 0)])
+        exact64[~valid] = -np.inf
+        tie_break = np.where(valid, cand, np.iinfo(np.int32).max)
+        order = np.lexsort((tie_break, -exact64), axis=-1)
+        idx[sub] = np.take_along_axis(cand, order, axis=1)
+        scores[sub] = np.take_along_axis(exact64, order, axis=1)
+    idx, scores = idx[:, :k], scores[:, :k]
+    rows = np.flatnonzero(redo)
+    if rows.size:
+        idx[rows], scores[rows] = canonical_rows(q, g, rows, k, leave_one_out)
+    return idx, scores
+
+
+def canonical_rows(q, g, rows, k, leave_one_out, chunk=256):
+    """The top `k` of the queries `rows` in the canonical order, searched whole.
+
+    Every item whose float32 score comes within twice the rounding band of the
+    k-th float32 score may belong to the top `k` by exact score; these are
+    re-scored in float64 and ordered (equal scores by lower index).
+    """
+    band = 2.0 * inputs.score_band(q, g)
     indices = np.empty((len(rows), k), np.int32)
     scores = np.empty((len(rows), k), np.float32)
     for start in range(0, len(rows), chunk):
@@ -91,11 +164,12 @@ def exact_rows_numpy(q, g, rows, k, leave_one_out, chunk=256):
         if leave_one_out:
             sims[np.arange(len(sub)), sub] = -np.inf
         kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
-        for i, row in enumerate(sims):
-            cand = np.flatnonzero(row >= kth[i])  # increasing index
-            best = cand[np.argsort(-row[cand], kind="stable")[:k]]
-            indices[start + i] = best
-            scores[start + i] = row[best]
+        for i, row in enumerate(sub):
+            cand = np.flatnonzero(sims[i] >= kth[i] - band[row])  # increasing
+            exact64 = counting._canonical_scores(q[row], g[cand])
+            best = np.lexsort((cand, -exact64))[:k]
+            indices[start + i] = cand[best]
+            scores[start + i] = exact64[best]
     return indices, scores
 
 
@@ -138,9 +212,9 @@ def _scann_search(q, g, k, leave_one_out, block_size, approximate=False):
     backend = "scann_ah" if approximate else "scann"
     scann = _import_scann(backend)
     num_gallery = g.shape[0]
-    # One extra neighbour for self (leave-one-out) and one to detect ties at the
-    # K-th position, which ScaNN may break arbitrarily.
-    n = min(k + int(leave_one_out) + 1, num_gallery)
+    # One extra neighbour for self (leave-one-out), and a margin to see near-ties
+    # at the K-th position, which ScaNN may break arbitrarily.
+    n = min(k + int(leave_one_out) + CANDIDATE_MARGIN, num_gallery)
     if approximate:
         searcher = _scann_ah_searcher(scann, g, n)
     else:
@@ -149,37 +223,19 @@ def _scann_search(q, g, k, leave_one_out, block_size, approximate=False):
     idx, scores = searcher.search_batched_parallel(
         q, final_num_neighbors=n, batch_size=block_size
     )
-    idx = np.asarray(idx).astype(np.int32, copy=False)
-    scores = np.asarray(scores, dtype=np.float32)
-    # Searched leaves holding fewer than n items pad with (0, NaN): mark them so
-    # they are not taken for a query itself; such rows are searched exactly below.
-    short = np.flatnonzero(np.isnan(scores).any(axis=1))
+    idx = np.asarray(idx).astype(np.int32, copy=True)
+    scores = np.asarray(scores, dtype=np.float32).copy()
+    # Searched leaves holding fewer than n items pad with (0, NaN): mark them as
+    # missing (canonical_lists searches rows left with fewer than k again).
     idx[np.isnan(scores)] = -1
     scores[np.isnan(scores)] = -np.inf
-    # Deterministic order: decreasing score, then increasing index (tied rows only).
-    tied = np.flatnonzero(np.any(scores[:, 1:] == scores[:, :-1], axis=1))
-    if tied.size:
-        order = np.lexsort((idx[tied], -scores[tied]), axis=-1)
-        idx[tied] = np.take_along_axis(idx[tied], order, axis=1)
-        scores[tied] = np.take_along_axis(scores[tied], order, axis=1)
     if leave_one_out:
         drop = idx == np.arange(q.shape[0], dtype=np.int32)[:, None]
-        drop[~drop.any(axis=1), -1] = True  # self not returned: drop the extra one
+        drop[~drop.any(axis=1), -1] = True  # self not returned: drop the last one
         keep = ~drop
         idx = idx[keep].reshape(q.shape[0], n - 1)
         scores = scores[keep].reshape(q.shape[0], n - 1)
-    if idx.shape[1] > k:
-        # A tie across the K-th position: ScaNN may have skipped a tied item with
-        # a lower index. Redo those few rows exactly (exact engine only).
-        ambiguous = np.flatnonzero(scores[:, k - 1] == scores[:, k])
-        idx, scores = idx[:, :k].copy(), scores[:, :k].copy()
-        if ambiguous.size and not approximate:
-            idx[ambiguous], scores[ambiguous] = exact_rows_numpy(
-                q, g, ambiguous, k, leave_one_out
-            )
-    if short.size:
-        idx[short], scores[short] = exact_rows_numpy(q, g, short, k, leave_one_out)
-    return idx, scores
+    return canonical_lists(q, g, idx, scores, k, leave_one_out, exact=not approximate)
 
 
 def search(q, g, k, leave_one_out, backend, block_size):

@@ -10,16 +10,18 @@ and the gallery ids. Its signatures:
 * `search_embeddings`: `embeddings` float32 `(B, D)` -> `ids`, `scores`.
 
 Results are ordered by decreasing score, equal scores by increasing gallery
-row. A `"brute_force"` index returns what
-`xbm_tf.evaluation.nearest_neighbors(..., backend="exact")` returns: ScaNN
-brute force finds `k + 16` candidates, they are re-sorted by (score, row), and
-rows where a score within float32 rounding of the k-th reaches the last
-candidate (a tie group ScaNN may have cut) are searched again exactly in
-TensorFlow (matmul + top-k). Scores are float32 dot products, equal to those of
-the exact search up to float32 rounding (different kernels sum in different
-orders). A `"tree_ah"` index (k-means tree, asymmetric hashing, exact float32
-reordering) is approximate. A query whose search finds fewer than k items (only
-possible with `"tree_ah"`) gets id -1 (or "") and score -inf in the free slots.
+row, with the scores computed in float64: the canonical order of
+`xbm_tf.retrieval.engines`. A `"brute_force"` index returns what
+`xbm_tf.evaluation.nearest_neighbors(..., backend="exact")` returns, ties and
+near-duplicates included: ScaNN brute force finds `k + 16` float32 candidates,
+they are re-scored in float64 and re-sorted by (score, row), and rows where the
+float32 rounding band around the k-th score reaches the last candidate (a group
+ScaNN may have cut) are searched again over the whole gallery in TensorFlow.
+Scores are the float64 dot products rounded to float32. A `"tree_ah"` index
+(k-means tree, asymmetric hashing, exact float32 reordering) is approximate;
+its candidates are ordered in the same way. A query whose search finds fewer
+than k items (only possible with `"tree_ah"`) gets id -1 (or "") and score -inf
+in the free slots.
 
 The SavedModel uses ScaNN's TensorFlow ops: `import scann` before loading it
 (`load_retrieval_model` does). Stock TensorFlow Serving cannot load it; serve
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 INDEX_TYPES = ("brute_force", "tree_ah")
-# Extra brute-force candidates, so that ties across the k-th place are seen.
+# Extra brute-force candidates, so that near-ties across the k-th place are seen.
 _TIE_MARGIN = 16
 _SCANN_MISSING = (
     "The retrieval SavedModel searches with ScaNN's TensorFlow ops: install them "
@@ -346,14 +348,26 @@ def _sort_by_score_then_row(rows, scores):
 
 
 def _make_search(state, ids, k, gallery, exact):
-    """The in-graph search: `(B, dim)` queries -> dict of ids and scores."""
+    """The in-graph search: `(B, dim)` queries -> dict of ids and scores.
+
+    ScaNN's float32 candidates are re-scored in float64 and ordered by (score,
+    row), the canonical order of `xbm_tf.retrieval.engines`. With `exact`
+    (brute force) ScaNN returns `k + _TIE_MARGIN` candidates, and a query whose
+    float32 rounding band around its k-th score reaches the last candidate is
+    searched again over the whole gallery: every item within the band of its
+    k-th float32 score is re-scored in float64.
+    """
     num_items, dim = gallery.shape
-    max_norm = float(np.sqrt(np.einsum("ij,ij->i", gallery, gallery).max()))
+    g_sq_max = float(np.einsum("ij,ij->i", gallery, gallery).max())
     scann_ops = _scann_ops()
     candidates = min(num_items, k + _TIE_MARGIN) if exact else k
-    # Relative bound of the float32 rounding of a dim-term dot product, doubled
-    # (two different kernels): |computed - exact| <= unit * |q| * max|g|.
-    unit = 2.0 * dim * 2.0**-24
+    # inputs.score_band, doubled for two different float32 kernels.
+    unit = dim * 2.0**-24
+
+    def exact64(queries, vectors):
+        """Float64 dot products of `(B, D)` queries with `(B, c, D)` vectors."""
+        products = tf.cast(vectors, tf.float64) * tf.cast(queries, tf.float64)[:, None]
+        return tf.reduce_sum(products, axis=-1)
 
     def search(queries):
         queries = tf.ensure_shape(tf.cast(queries, tf.float32), [None, dim])
@@ -367,19 +381,45 @@ def _make_search(state, ids, k, gallery, exact):
         rows = tf.where(missing, tf.int32.max, rows)
         scores = tf.where(missing, -np.inf, scores)
         rows, scores = _sort_by_score_then_row(rows, scores)
-        top_rows, top_scores = rows[:, :k], scores[:, :k]
+        gallery_rows = tf.reshape(state.dataset, [-1, dim])
+        found = rows < num_items
+        vectors = tf.gather(gallery_rows, tf.where(found, rows, 0))
+        rescored = tf.where(found, exact64(queries, vectors), -np.inf)
+        ordered, rescored = _sort_by_score_then_row(rows, rescored)
+        top_rows = ordered[:, :k]
+        top_scores = tf.cast(rescored[:, :k], tf.float32)
         if exact and candidates < num_items:
-            gallery = tf.reshape(state.dataset, [-1, dim])
-            eps = unit * tf.norm(queries, axis=1) * max_norm + 1e-30
-            cut = scores[:, -1] >= scores[:, k - 1] - eps
-            redo = tf.where(cut)[:, 0]
+            q_sq = tf.cast(tf.reduce_sum(queries * queries, axis=1), tf.float64)
+            band = 2.0 * (
+                2.0 * unit * tf.sqrt(q_sq * g_sq_max * (1 + 2 * unit) ** 2) + 1e-30
+            )
+            last, kth = (tf.cast(scores[:, i], tf.float64) for i in (-1, k - 1))
+            redo = tf.where(last >= kth - band)[:, 0]
+
+            def whole(args):
+                query, margin = args
+                sims = tf.linalg.matvec(gallery_rows, query)
+                kth = tf.math.top_k(sims, k).values[k - 1]
+                near = tf.where(
+                    tf.cast(sims, tf.float64) >= tf.cast(kth, tf.float64) - margin
+                )
+                near = tf.cast(near[:, 0], tf.int32)
+                values = exact64(query[None], tf.gather(gallery_rows, near)[None])
+                best, values = _sort_by_score_then_row(near[None], values)
+                return best[0, :k], tf.cast(values[0, :k], tf.float32)
 
             def exact_rows():
-                sims = tf.matmul(tf.gather(queries, redo), gallery, transpose_b=True)
-                values, found = tf.math.top_k(sims, k)  # ties: lower index first
+                found_rows, values = tf.map_fn(
+                    whole,
+                    (tf.gather(queries, redo), tf.gather(band, redo)),
+                    fn_output_signature=(
+                        tf.TensorSpec([k], tf.int32),
+                        tf.TensorSpec([k], tf.float32),
+                    ),
+                )
                 at = redo[:, None]
                 return (
-                    tf.tensor_scatter_nd_update(top_rows, at, found),
+                    tf.tensor_scatter_nd_update(top_rows, at, found_rows),
                     tf.tensor_scatter_nd_update(top_scores, at, values),
                 )
 
