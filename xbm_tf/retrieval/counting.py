@@ -41,16 +41,6 @@ def _canonical_scores(query: np.ndarray, items: np.ndarray) -> np.ndarray:
     return (items.astype(np.float64) * query.astype(np.float64)).sum(axis=1)
 
 
-def canonical_scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """`_canonical_scores` of many queries: `(n, D)` and `(n, c, D)` -> `(n, c)`.
-
-    Each dot product is summed alone over its D products, as in
-    `_canonical_scores`, so a pair gets the same float64 score in both.
-    """
-    products = items.astype(np.float64) * queries.astype(np.float64)[:, None, :]
-    return products.sum(axis=2)
-
-
 def first_hit_ranks(q, g, q_codes, g_codes, rows, leave_one_out, band, chunk=256):
     """Exact 0-based rank of the best same-class item, for the queries `rows`.
 

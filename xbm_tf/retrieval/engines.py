@@ -111,36 +111,48 @@ def canonical_lists(q, g, idx, scores, k, leave_one_out, exact=True):
             searched again in any case.
 
     Returns:
-        `(indices int32 (Q, k), scores float32 (Q, k))`. A list whose float32
-        scores are further than the band apart from their neighbours (the
-        usual case) keeps its order and its float32 scores; the others are
-        re-scored in float64 (`counting.canonical_scores`) and re-ordered, and
-        return those scores rounded to float32.
+        `(indices int32 (Q, k), scores float32 (Q, k))`. Candidates whose float32
+        scores are further than the band from their neighbours' (the usual case)
+        keep their place and float32 score; each chain of candidates within the
+        band of each other is re-scored in float64 (summed per pair, as in
+        `counting`) and re-ordered, and returns those scores rounded to float32.
     """
     idx = np.array(idx, np.int32)
     scores = np.array(scores, np.float32)
     num_queries, c = idx.shape
     band = 2.0 * inputs.score_band(q, g)  # two different kernels
-    with np.errstate(invalid="ignore"):  # -inf - -inf: no candidate there
-        gaps = scores[:, :-1] - scores[:, 1:]  # positions 0..k decide the top k
-    near = np.any(gaps[:, :k] <= band[:, None], axis=1)
-    near &= np.isfinite(scores[:, 0])
     # From the float32 scores: an item past the last candidate may reach the k-th.
     redo = np.count_nonzero(idx >= 0, axis=1) < k
     if exact and c < g.shape[0] - int(leave_one_out):
         redo |= scores[:, c - 1] >= scores[:, k - 1] - band
-    rows = np.flatnonzero(near & ~redo)
-    chunk = max(1, _RESCORE_CHUNK // (c * q.shape[1]))
-    for start in range(0, rows.size, chunk):
-        sub = rows[start : start + chunk]
-        cand = idx[sub]
-        valid = cand >= 0
-        exact64 = counting.canonical_scores(q[sub], g[np.where(valid, cand, 0)])
-        exact64[~valid] = -np.inf
-        tie_break = np.where(valid, cand, np.iinfo(np.int32).max)
-        order = np.lexsort((tie_break, -exact64), axis=-1)
-        idx[sub] = np.take_along_axis(cand, order, axis=1)
-        scores[sub] = np.take_along_axis(exact64, order, axis=1)
+    # Chains of candidates whose adjacent float32 scores are within the band may
+    # be misordered; chains reaching position k decide the top k. Only their
+    # members are re-scored: a chain's exact scores lie apart from the others'.
+    with np.errstate(invalid="ignore"):  # -inf - -inf: no candidate there
+        near = scores[:, :-1] - scores[:, 1:] <= band[:, None]
+    chain = np.concatenate(
+        [np.zeros((num_queries, 1), np.int64), np.cumsum(~near, axis=1)], axis=1
+    )
+    in_play = chain <= chain[:, k - 1, None]  # k - 1 and k chained: one id
+    linked = np.zeros_like(in_play)
+    linked[:, 1:] |= near
+    linked[:, :-1] |= near
+    marked = in_play & linked & (idx >= 0) & ~redo[:, None]
+    qi, pj = np.nonzero(marked)
+    if qi.size:
+        key = scores.astype(np.float64)
+        exact64 = np.empty(qi.size)
+        chunk = max(1, _RESCORE_CHUNK // q.shape[1])
+        for start in range(0, qi.size, chunk):
+            part = slice(start, start + chunk)
+            vectors = g[idx[qi[part], pj[part]]].astype(np.float64)
+            exact64[part] = (vectors * q[qi[part]].astype(np.float64)).sum(axis=1)
+        key[qi, pj] = exact64
+        rows = np.unique(qi)
+        tie_break = np.where(idx[rows] >= 0, idx[rows], np.iinfo(np.int32).max)
+        order = np.lexsort((tie_break, -key[rows]), axis=-1)
+        idx[rows] = np.take_along_axis(idx[rows], order, axis=1)
+        scores[rows] = np.take_along_axis(key[rows], order, axis=1)
     idx, scores = idx[:, :k], scores[:, :k]
     rows = np.flatnonzero(redo)
     if rows.size:
