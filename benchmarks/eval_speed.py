@@ -207,8 +207,10 @@ def main():
     load_after = tuple(round(v, 2) for v in os.getloadavg())
 
     med = {m: float(np.median(walls[m])) for m in chosen}
-    reference = recalls.get("numpy") or recalls.get("default")
-    ref_name = "numpy" if "numpy" in recalls else "default"
+    # dR@K against numpy, else the default, else the first method with R@K.
+    with_recall = [m for m in ("numpy", "default", *chosen) if recalls.get(m)]
+    ref_name = with_recall[0] if with_recall else None
+    reference = recalls.get(ref_name)
     header = (
         f"{'method':44s} {'wall s':>7s} {'[min-max]':>15s} {'CPU s':>7s}"
         f" {'x floor':>7s} {'x numpy':>7s} {'R@1':>7s}"

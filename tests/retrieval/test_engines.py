@@ -104,6 +104,10 @@ def test_exact_lists_are_canonical_on_near_duplicates(loo, k, copies):
     # The re-ranking is what gets it right: float32 top_k alone does not.
     _, plain = engines._top_k_block(q, x, 0, k, loo)
     assert not np.array_equal(plain.numpy(), want)
+    # `ordered` puts only the first places in the canonical order.
+    for backend in ("exact", "scann"):
+        idx, _ = retrieval.nearest_neighbors(q, g, k=k, backend=backend, ordered=3)
+        np.testing.assert_array_equal(idx[:, :3], want[:, :3], err_msg=backend)
 
 
 def test_a_near_duplicate_group_larger_than_the_candidates_is_searched_whole():

@@ -99,7 +99,8 @@ def _map_values(ap_sum, rp_sum, r):
 def _search_then_count(q, g, q_codes, g_codes, r, loo, max_k, block_size):
     """exact_rank with huge classes: a top-k search, then counting the misses."""
     k = min(max_k + 1, SEARCH_K_CAP, g.shape[0] - int(loo))
-    idx, scores = engines.search(q, g, k, loo, "exact", block_size)
+    # ranks_from_lists makes the ranks exact itself: no canonical order needed.
+    idx, scores = engines.search(q, g, k, loo, "exact", block_size, ordered=0)
     return counting.ranks_from_lists(
         q, g, q_codes, g_codes, idx, scores, r, loo, max_k, exact=True
     )
@@ -129,7 +130,11 @@ def _metrics(q, g, q_codes, g_codes, r, loo, ks, with_map, backend, block_size):
     else:
         n = min(max(max_k + 1, k_map), g.shape[0] - int(loo))
         if n > 0 and (ks or k_map > 0):
-            idx, scores = engines.search(q, g, n, loo, backend, block_size)
+            # Canonical order for MAP@R's top R only (deep lists have many near
+            # gaps); ranks_from_lists makes the Recall@K ranks exact itself.
+            idx, scores = engines.search(
+                q, g, n, loo, backend, block_size, ordered=k_map
+            )
             if k_map > 0:
                 _, ap_sum, rp_sum = _scan_neighbors(idx, q_codes, g_codes, r, True)
             if ks:
