@@ -36,7 +36,8 @@ MATMUL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _keys_of(key_embeddings):
-    """`(keys, dtype, storage_dtype, shape)`: the keys as a tensor, or a handle.
+    """`(keys, (dtype, storage_dtype, shape))`: the keys as a tensor, or a handle,
+    and how to read them (Python values).
 
     A `CrossBatchMemory.keys()` (anything with `handle`, `dtype`, `storage_dtype`
     and `shape`), a `tf.Variable` or a Keras variable of the TensorFlow backend
@@ -48,16 +49,17 @@ def _keys_of(key_embeddings):
         dtype = tf.as_dtype(key_embeddings.dtype)
         storage_dtype = tf.as_dtype(getattr(key_embeddings, "storage_dtype", dtype))
         shape = tf.TensorShape(key_embeddings.shape)
-        return handle, dtype, storage_dtype, shape
+        return handle, (dtype, storage_dtype, shape)
     keys = tf.stop_gradient(tf.convert_to_tensor(key_embeddings))
-    return keys, keys.dtype, keys.dtype, keys.shape
+    return keys, (keys.dtype, keys.dtype, keys.shape)
 
 
-def _read(keys, dtype, storage_dtype, shape):
+def _read(keys, spec):
     """The key values: a handle is read in place (inside XLA) and, when it
     stores bit patterns, bit-cast to `dtype`."""
     if keys.dtype != tf.resource:
         return keys
+    dtype, storage_dtype, shape = spec
     value = tf.raw_ops.ReadVariableOp(resource=keys, dtype=storage_dtype)
     value.set_shape(shape)
     if storage_dtype != dtype:
@@ -71,33 +73,22 @@ def dense_keys(key_embeddings):
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _forward(
-    queries,
-    keys,
-    query_labels,
-    key_labels,
-    key_mask,
-    own,
-    margin,
-    dtype,
-    storage_dtype,
-    shape,
-):
+def _forward(queries, keys, query_labels, key_labels, key_mask, own, margin, spec):
     """Per-query losses and `dL/ds`, in one XLA function.
 
     Args:
         queries: `(B, D)` float32.
-        keys: `(M, D)` keys, or a variable's resource handle (with `dtype`,
-            `storage_dtype` and `shape`, Python values).
+        keys: `(M, D)` keys, or a variable's resource handle.
         query_labels, key_labels: int64 `(B,)` and `(M,)`.
         key_mask: bool `(M,)`.
         own: int32 `(B,)`, the key index of each query's own copy (-1: none).
         margin: float32 scalar.
+        spec: `(dtype, storage_dtype, shape)` of the keys, Python values.
 
     Returns:
         `(losses (B,) float32, coefficients (B, M) in the keys' dtype)`.
     """
-    keys = _read(keys, dtype, storage_dtype, shape)
+    keys = _read(keys, spec)
     sim = tf.matmul(tf.cast(queries, keys.dtype), keys, transpose_b=True)
     s = tf.cast(sim, tf.float32)
     positive, negative = pair_masks(query_labels, key_labels, key_mask, own)
@@ -109,9 +100,9 @@ def _forward(
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _backward(coefficients, keys, upstream, dtype, storage_dtype, shape):
+def _backward(coefficients, keys, upstream, spec):
     """`g_i * sum_j c_ij k_j`: one `(B, M) x (M, D)` matmul in the keys' dtype."""
-    keys = _read(keys, dtype, storage_dtype, shape)
+    keys = _read(keys, spec)
     grad = tf.cast(tf.matmul(coefficients, keys), tf.float32)
     return grad * tf.cast(upstream, tf.float32)[:, tf.newaxis]
 
@@ -154,7 +145,8 @@ def fused_contrastive_loss(
     >>> losses = fused_contrastive_loss(
     ...     q, y, memory.keys(), key_labels, key_mask=valid)
     """
-    keys, dtype, storage_dtype, shape = _keys_of(key_embeddings)
+    keys, spec = _keys_of(key_embeddings)
+    dtype = spec[0]
     if dtype.name not in MATMUL_DTYPES:
         raise ValueError(
             f"key_embeddings must be one of {MATMUL_DTYPES}, got {dtype.name}"
@@ -174,21 +166,12 @@ def fused_contrastive_loss(
     @tf.custom_gradient
     def loss(queries):
         losses, coefficients = _forward(
-            queries,
-            keys,
-            query_labels,
-            key_labels,
-            key_mask,
-            own,
-            margin,
-            dtype,
-            storage_dtype,
-            shape,
+            queries, keys, query_labels, key_labels, key_mask, own, margin, spec
         )
 
         def gradient(upstream):
             # d(sum_i g_i L_i)/dq_i = g_i * sum_j c_ij k_j.
-            return _backward(coefficients, keys, upstream, dtype, storage_dtype, shape)
+            return _backward(coefficients, keys, upstream, spec)
 
         return losses, gradient
 
