@@ -37,7 +37,11 @@ MAX_PAIRS_PER_QUERY = 256
 
 
 def _canonical_scores(query: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Float64 dot products, each summed alone in a fixed order (per-pair)."""
+    """Float64 dot products, each summed alone in a fixed order (per-pair).
+
+    `query` is one `(D,)` row for all `(n, D)` items, or `(n, D)` rows, one per
+    item; either way each dot product is the same float64 sum.
+    """
     return (items.astype(np.float64) * query.astype(np.float64)).sum(axis=1)
 
 

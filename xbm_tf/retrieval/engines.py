@@ -156,8 +156,9 @@ def canonical_lists(q, g, idx, scores, k, leave_one_out, exact=True, ordered=Non
         chunk = max(1, _RESCORE_CHUNK // q.shape[1])
         for start in range(0, qi.size, chunk):
             part = slice(start, start + chunk)
-            vectors = g[idx[qi[part], pj[part]]].astype(np.float64)
-            exact64[part] = (vectors * q[qi[part]].astype(np.float64)).sum(axis=1)
+            exact64[part] = counting._canonical_scores(
+                q[qi[part]], g[idx[qi[part], pj[part]]]
+            )
         key[qi, pj] = exact64
         rows = np.unique(qi)
         tie_break = np.where(idx[rows] >= 0, idx[rows], np.iinfo(np.int32).max)
