@@ -69,7 +69,7 @@ def _read(keys, spec):
 
 def dense_keys(key_embeddings):
     """The keys as one dense tensor, for a loss that has no in-place read."""
-    return tf.stop_gradient(_read(*_keys_of(key_embeddings)))
+    return _read(*_keys_of(key_embeddings))  # both stop the gradient
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
