@@ -142,7 +142,14 @@ def score_band(q: np.ndarray, g: np.ndarray) -> np.ndarray:
     of one query whose exact values are equal thus differ by at most twice that.
     Scores further apart than this band are ordered as their exact values.
     """
-    unit = q.shape[1] * 2.0**-24
-    q_sq = np.einsum("ij,ij->i", q, q).astype(np.float64) * (1 + 2 * unit)
-    g_sq = float(np.einsum("ij,ij->i", g, g).max()) * (1 + 2 * unit)
-    return 2.0 * unit * np.sqrt(q_sq * g_sq) + 1e-30
+    g_sq_max = float(np.einsum("ij,ij->i", g, g).max())
+    q_norm = np.sqrt(np.einsum("ij,ij->i", q, q).astype(np.float64))
+    return score_band_per_norm(q.shape[1], g_sq_max) * q_norm + 1e-30
+
+
+def score_band_per_norm(dim: int, g_sq_max: float) -> float:
+    """`score_band` of a query divided by its norm (less the 1e-30 floor), for a
+    gallery whose largest squared norm is `g_sq_max`: one number per gallery, so
+    a search graph can hold it as a constant."""
+    unit = dim * 2.0**-24
+    return 2.0 * unit * (1 + 2 * unit) * float(np.sqrt(g_sq_max))

@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from xbm_tf import export as export_lib
+from xbm_tf.retrieval import inputs
 from xbm_tf.retrieval_callback import embed_dataset
 
 __all__ = [
@@ -359,10 +360,9 @@ def _make_search(state, ids, k, gallery, exact):
     """
     num_items, dim = gallery.shape
     g_sq_max = float(np.einsum("ij,ij->i", gallery, gallery).max())
+    band_per_norm = inputs.score_band_per_norm(dim, g_sq_max)
     scann_ops = _scann_ops()
     candidates = min(num_items, k + _TIE_MARGIN) if exact else k
-    # inputs.score_band, doubled for two different float32 kernels.
-    unit = dim * 2.0**-24
 
     def exact64(queries, vectors):
         """Float64 dot products of `(B, D)` queries with `(B, c, D)` vectors."""
@@ -389,10 +389,9 @@ def _make_search(state, ids, k, gallery, exact):
         top_rows = ordered[:, :k]
         top_scores = tf.cast(rescored[:, :k], tf.float32)
         if exact and candidates < num_items:
+            # inputs.score_band, doubled for two different float32 kernels.
             q_sq = tf.cast(tf.reduce_sum(queries * queries, axis=1), tf.float64)
-            band = 2.0 * (
-                2.0 * unit * tf.sqrt(q_sq * g_sq_max * (1 + 2 * unit) ** 2) + 1e-30
-            )
+            band = 2.0 * (band_per_norm * tf.sqrt(q_sq) + 1e-30)
             last, kth = (tf.cast(scores[:, i], tf.float64) for i in (-1, k - 1))
             redo = tf.where(last >= kth - band)[:, 0]
 
