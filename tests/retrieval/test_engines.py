@@ -67,27 +67,12 @@ def _exact_lists(q, g, k, loo):
     return np.array(lists)
 
 
-def _near_duplicates(num, dim, seed, copies=1):
-    """Unit rows and `copies` copies of each with 1e-7 noise, shuffled: the
-    copies' exact scores differ from the originals' by less than float32
-    rounding, so float32 kernels order each group by rounding noise."""
-    rng = np.random.default_rng(seed)
-    base = rng.standard_normal((num, dim)).astype(np.float32)
-    base /= np.linalg.norm(base, axis=1, keepdims=True)
-    noisy = [
-        base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32)
-        for _ in range(copies)
-    ]
-    x = np.concatenate([base, *noisy])
-    return x[rng.permutation(len(x))]
-
-
 @pytest.mark.parametrize("loo, k, copies", [(True, 9, 1), (False, 9, 1), (True, 40, 3)])
-def test_exact_lists_are_canonical_on_near_duplicates(loo, k, copies):
+def test_exact_lists_are_canonical_on_near_duplicates(loo, k, copies, near_duplicates):
     # Every exact engine, at any block size, must return the order of the exact
     # scores (equal ones by lower index), not the order of float32 noise.
-    x = _near_duplicates(200 // (copies + 1), 32, seed=4, copies=copies)
-    q = x if loo else _near_duplicates(25, 32, seed=5)
+    x = near_duplicates(200 // (copies + 1), 32, seed=4, copies=copies)
+    q = x if loo else near_duplicates(25, 32, seed=5)
     g = None if loo else x
     want = _exact_lists(q, x, k, loo)
     for backend, block_size in (
@@ -110,12 +95,14 @@ def test_exact_lists_are_canonical_on_near_duplicates(loo, k, copies):
         np.testing.assert_array_equal(idx[:, :3], want[:, :3], err_msg=backend)
 
 
-def test_a_near_duplicate_group_larger_than_the_candidates_is_searched_whole():
+def test_a_near_duplicate_group_larger_than_the_candidates_is_searched_whole(
+    near_duplicates,
+):
     # 40 copies of one row (3e-8 noise) hold every query's top k: more than the
     # k + 16 float32 candidates, so the rounding band reaches the last one and
     # the query is searched over the whole gallery.
     rng = np.random.default_rng(6)
-    x = _near_duplicates(60, 32, seed=6)
+    x = near_duplicates(60, 32, seed=6)
     group = x[:1] + 3e-8 * rng.standard_normal((40, 32)).astype(np.float32)
     g = np.concatenate([x, group])[rng.permutation(len(x) + 40)]
     q = x[:1] + 0.01 * rng.standard_normal((8, 32)).astype(np.float32)

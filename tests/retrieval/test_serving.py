@@ -113,26 +113,17 @@ def test_exact_fallback_equals_exact_search(model, tmp_path, monkeypatch):
     np.testing.assert_array_equal(out["scores"], scores)
 
 
-def _near_duplicates(num, seed):
-    """Unit rows and copies with 1e-7 noise (float32 orders each pair by
-    rounding noise), plus queries near them."""
-    rng = np.random.default_rng(seed)
-    base = rng.standard_normal((num, DIM)).astype(np.float32)
-    base /= np.linalg.norm(base, axis=1, keepdims=True)
-    copies = base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32)
-    rows = np.concatenate([base, copies])[rng.permutation(2 * num)]
-    queries = base[:60] + 0.3 * rng.standard_normal((60, DIM)).astype(np.float32)
-    return rows, queries / np.linalg.norm(queries, axis=1, keepdims=True)
-
-
 @pytest.mark.parametrize("tie_margin", [16, 0])  # 0: every query searched whole
 def test_brute_force_equals_exact_search_on_near_duplicates(
-    model, tmp_path, monkeypatch, tie_margin
+    model, tmp_path, monkeypatch, tie_margin, near_duplicates
 ):
     from xbm_tf.retrieval import serving
 
     monkeypatch.setattr(serving, "_TIE_MARGIN", tie_margin)
-    gallery, queries = _near_duplicates(300, seed=3)
+    gallery = near_duplicates(300, DIM, seed=3)
+    rng = np.random.default_rng(3)
+    queries = gallery[:60] + 0.3 * rng.standard_normal((60, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     path = export_retrieval_model(model, gallery, tmp_path / "r", k=7)
     search = load_retrieval_model(path)
     out = search.search_embeddings(queries)
