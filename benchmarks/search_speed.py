@@ -38,12 +38,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
-from xbm_tf.evaluation import nearest_neighbors  # noqa: E402
 from xbm_tf.export import (  # noqa: E402
     export_embedding_model,
     load_exported_embedder,
 )
-from xbm_tf.retrieval import export_retrieval_model, load_retrieval_model  # noqa: E402
+from xbm_tf.retrieval import (  # noqa: E402
+    export_retrieval_model,
+    load_retrieval_model,
+    nearest_neighbors,
+)
 from xbm_tf.retrieval.serving import _scann_ops  # noqa: E402
 
 K = 10

@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from xbm_tf import data, distribute, evaluation, losses, plots, retrieval
+from xbm_tf import data, distribute, losses, plots, retrieval
 from xbm_tf.losses.base import hyper_parameters
 from xbm_tf.terminate_on_nonfinite import NonFiniteLossError
 
@@ -399,7 +399,7 @@ def evaluate_and_plot(
         name: a tag for the file, e.g. "before" or "after".
     """
     query, query_labels, gallery, gallery_labels = embeddings
-    metrics = evaluation.retrieval_metrics(
+    metrics = retrieval.retrieval_metrics(
         query,
         query_labels,
         gallery,
@@ -411,7 +411,7 @@ def evaluate_and_plot(
     query_set = splits.test if leave_one_out else splits.query
     gallery_set = splits.test if leave_one_out else splits.gallery
     chosen = np.linspace(0, len(query) - 1, min(num_queries, len(query))).astype(int)
-    neighbors, _ = evaluation.nearest_neighbors(
+    neighbors, _ = retrieval.nearest_neighbors(
         query[chosen],
         query if leave_one_out else gallery,
         k=k + 1,

@@ -27,7 +27,7 @@ from common import FlagError  # noqa: E402
 
 import xbm_tf  # noqa: E402, F401  (registers the custom objects of .keras files)
 from xbm_tf.export import load_exported_embedder  # noqa: E402
-from xbm_tf.retrieval_callback import RetrievalEvaluation  # noqa: E402
+from xbm_tf.retrieval import RetrievalEvaluation  # noqa: E402
 
 _MODEL = flags.DEFINE_string(
     "model", None, "A SavedModel directory (train.py's export) or a .keras file."

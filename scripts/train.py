@@ -43,7 +43,7 @@ from xbm_tf.distribute import (  # noqa: E402
 )
 from xbm_tf.export import export_embedding_model  # noqa: E402
 from xbm_tf.optimization import make_optimizer  # noqa: E402
-from xbm_tf.retrieval_callback import RetrievalEvaluation  # noqa: E402
+from xbm_tf.retrieval import RetrievalEvaluation  # noqa: E402
 from xbm_tf.terminate_on_nonfinite import TerminateOnNonFinite  # noqa: E402
 
 

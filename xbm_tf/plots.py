@@ -208,7 +208,7 @@ def plot_retrieval_grid(
             query arrays again.
         gallery_labels: `(G,)` labels, or `None` if unknown.
         neighbor_indices: `(Q, >= k)` gallery indices by rank, e.g. from
-            `xbm_tf.evaluation.nearest_neighbors`.
+            `xbm_tf.retrieval.nearest_neighbors`.
         path: output PNG path; parent directories are created.
         num_queries: rows to draw (at most Q).
         k: neighbours per row.

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from xbm_tf.backbones import build_embedding_model
-from xbm_tf.evaluation import nearest_neighbors
 from xbm_tf.retrieval import (
     embed_gallery,
     export_retrieval_model,
     load_retrieval_model,
+    nearest_neighbors,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -19,10 +19,9 @@ import search  # noqa: E402
 
 from xbm_tf import data  # noqa: E402
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
-from xbm_tf.evaluation import nearest_neighbors  # noqa: E402
 from xbm_tf.export import export_embedding_model, load_exported_embedder  # noqa: E402
 from xbm_tf.plots import grid_layout  # noqa: E402
-from xbm_tf.retrieval import load_retrieval_model  # noqa: E402
+from xbm_tf.retrieval import load_retrieval_model, nearest_neighbors  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -12,7 +12,7 @@ and the gallery ids. Its signatures:
 Results are ordered by decreasing score, equal scores by increasing gallery
 row, with the scores computed in float64: the canonical order of
 `xbm_tf.retrieval.engines`. A `"brute_force"` index returns what
-`xbm_tf.evaluation.nearest_neighbors(..., backend="exact")` returns, ties and
+`xbm_tf.retrieval.nearest_neighbors(..., backend="exact")` returns, ties and
 near-duplicates included: ScaNN brute force finds `k + 16` float32 candidates,
 they are re-scored in float64 and re-sorted by (score, row), and rows where the
 float32 rounding band around the k-th score reaches the last candidate (a group
@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from xbm_tf import export as export_lib
 from xbm_tf.retrieval import inputs
-from xbm_tf.retrieval_callback import embed_dataset
+from xbm_tf.retrieval.callback import embed_dataset
 
 __all__ = [
     "INDEX_TYPES",
