@@ -10,6 +10,14 @@ VERSION = re.search(
     r'^__version__ = "([^"]+)"', (HERE / "xbm_tf" / "__init__.py").read_text(), re.M
 ).group(1)
 
+# The documentation site (mkdocs.yml): `pip install -e ".[docs]" && mkdocs serve`.
+DOCS = [
+    "mkdocs>=1.6,<2",
+    "mkdocs-material>=9.5,<10",
+    "mkdocstrings>=1.0,<2",
+    "mkdocstrings-python>=2.0,<3",
+]
+
 setup(
     name="xbm-tf",
     version=VERSION,
@@ -37,6 +45,8 @@ setup(
         "animal-mnist>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.5"],
+        "docs": DOCS,
+        # The suite builds the docs (tests/test_docs.py), so it needs their tools.
+        "test": ["pytest>=8", "ruff>=0.5", *DOCS],
     },
 )

@@ -143,9 +143,10 @@ class XBMContrastiveModel(keras.Model):
             optimizer: as in `keras.Model.compile`.
             loss: None (keep the constructor's `loss`) or a
                 `xbm_tf.losses.PairLoss`, which replaces it.
-            loss_weights, metrics, weighted_metrics: must be None; the model
-                logs `loss`, `batch_loss`, `xbm_loss` and `memory_fill`, and
-                `xbm_weight` weights the memory loss.
+            loss_weights: must be None: `xbm_weight` weights the memory loss.
+            metrics: must be None; the model logs `loss`, `batch_loss`,
+                `xbm_loss` and `memory_fill`.
+            weighted_metrics: must be None, as `metrics`.
             **kwargs: the other arguments of `keras.Model.compile` (e.g.
                 `jit_compile`, `steps_per_execution`).
         """

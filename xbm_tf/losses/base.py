@@ -149,8 +149,10 @@ class PairLoss(keras.losses.Loss):
 
     Args:
         fn: the per-query loss function.
-        name, reduction, dtype: as in `keras.losses.Loss`.
-        **hyper_parameters: the function's hyper-parameters (e.g. `neg_margin`).
+        name: as in `keras.losses.Loss`.
+        reduction: as in `keras.losses.Loss`.
+        dtype: as in `keras.losses.Loss`.
+        **hyper_parameters_: the function's hyper-parameters (e.g. `neg_margin`).
 
     Example:
     >>> @keras.saving.register_keras_serializable(package="my_project")

@@ -65,7 +65,7 @@ class ContrastiveLoss(PairLoss):
     Args:
         neg_margin: negatives with cosine similarity at or below it cost nothing
             (default 0.5, the paper's; `margin=` is its deprecated name).
-        name, reduction, dtype: as in `keras.losses.Loss`.
+        **kwargs: `name`, `reduction` and `dtype`, as in `keras.losses.Loss`.
 
     Example:
     >>> loss = ContrastiveLoss(neg_margin=0.5)

@@ -46,9 +46,10 @@ def multi_similarity_loss(
     + log(1 + sum_neg exp(beta (s - threshold))) / beta`, and 0 if mining leaves no
     positive or no negative.
 
+    `query_embeddings`, `query_labels`, `key_embeddings`, `key_labels`, `key_mask`
+    and `query_key_index` are as in `contrastive_loss`.
+
     Args:
-        query_embeddings, query_labels, key_embeddings, key_labels, key_mask,
-            query_key_index: as in `contrastive_loss`.
         alpha: the scale of the positive term (> 0).
         beta: the scale of the negative term (> 0).
         threshold: the similarity offset, lambda in the paper.
@@ -88,7 +89,7 @@ class MultiSimilarityLoss(PairLoss):
         beta: the scale of the negative term, 40.
         threshold: the similarity offset lambda, 0.5.
         epsilon: the mining margin, 0.1.
-        name, reduction, dtype: as in `keras.losses.Loss`.
+        **kwargs: `name`, `reduction` and `dtype`, as in `keras.losses.Loss`.
 
     Example:
     >>> loss = MultiSimilarityLoss(alpha=2.0, beta=40.0)

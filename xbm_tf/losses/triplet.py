@@ -37,9 +37,10 @@ def triplet_loss(
 
     A query without any positive or without any negative key costs 0.
 
+    `query_embeddings`, `query_labels`, `key_embeddings`, `key_labels`, `key_mask`
+    and `query_key_index` are as in `contrastive_loss`.
+
     Args:
-        query_embeddings, query_labels, key_embeddings, key_labels, key_mask,
-            query_key_index: as in `contrastive_loss`.
         margin: the required similarity gap between positive and negative.
         mining: `"hard"` or `"semihard"`.
 
@@ -89,7 +90,7 @@ class TripletLoss(PairLoss):
         margin: the required similarity gap between positive and negative
             (default 0.1).
         mining: `"hard"` or `"semihard"` (default).
-        name, reduction, dtype: as in `keras.losses.Loss`.
+        **kwargs: `name`, `reduction` and `dtype`, as in `keras.losses.Loss`.
 
     Example:
     >>> loss = TripletLoss(margin=0.1, mining="hard")
