@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 
 import keras
 import numpy as np
@@ -151,12 +150,7 @@ def test_hyper_parameters_are_read_only_and_used():
     copy = loss.hyper_parameters
     copy["neg_margin"] = 0.0
     assert loss.neg_margin == 0.5
-    # The deprecated names are read-only too, and name the new one.
-    with pytest.raises(AttributeError, match="margin is the deprecated name of neg"):
-        loss.margin = -1.0
     ms = MultiSimilarityLoss()
-    with pytest.raises(AttributeError, match="margin is the deprecated name of eps"):
-        ms.margin = -1.0
     assert loss.hyper_parameters == {"neg_margin": 0.5}
     assert ms.epsilon == hyper_parameters(multi_similarity_loss)["epsilon"]
 
@@ -167,69 +161,22 @@ def test_unknown_hyper_parameter_is_named():
 
 
 @pytest.mark.parametrize(
-    "old, new",
+    "make, old",
     [
-        (
-            lambda: ContrastiveLoss(margin=0.3),
-            lambda: ContrastiveLoss(neg_margin=0.3),
-        ),
-        (
-            lambda: MultiSimilarityLoss(
-                scale_pos=3.0, scale_neg=30.0, thresh=0.4, margin=0.2
-            ),
-            lambda: MultiSimilarityLoss(
-                alpha=3.0, beta=30.0, threshold=0.4, epsilon=0.2
-            ),
-        ),
+        (lambda: ContrastiveLoss(margin=0.3), "margin"),
+        (lambda: MultiSimilarityLoss(scale_pos=3.0), "scale_pos"),
+        (lambda: MultiSimilarityLoss(thresh=0.4), "thresh"),
     ],
 )
-def test_old_names_still_work_with_a_deprecation_warning(old, new):
-    with pytest.warns(DeprecationWarning, match="is deprecated, use"):
-        old_loss = old()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        new_loss = new()
-    assert old_loss.hyper_parameters == new_loss.hyper_parameters
-    assert old_loss.hyper_parameters != type(new_loss)().hyper_parameters
-
-
-def test_old_names_in_functions_and_conflicts():
+def test_names_from_before_the_rename_are_unknown(make, old):
+    # The old names (margin=, scale_pos=, ...) were removed: no saved file in
+    # tests/fixtures uses them, and no release shipped with them.
+    with pytest.raises(TypeError, match=rf"unknown hyper-parameter\(s\) \['{old}'\]"):
+        make()
     e = _embeddings(n=6)
     y = np.array([0, 0, 1, 1, 2, 2])
-    with pytest.warns(DeprecationWarning, match="margin= is deprecated"):
-        old = contrastive_loss(e, y, e, y, margin=0.1)
-    np.testing.assert_allclose(old, contrastive_loss(e, y, e, y, neg_margin=0.1))
-    with pytest.raises(TypeError, match="pass neg_margin= only"):
-        ContrastiveLoss(neg_margin=0.3, margin=0.2)
-
-
-def test_configs_saved_with_the_old_names_still_load():
-    # What xbm_tf 0.1.0 wrote into .keras files.
-    old_configs = [
-        (
-            "ContrastiveLoss",
-            {"name": "contrastive_loss", "reduction": "sum_over_batch_size"},
-            {"margin": 0.3},
-            {"neg_margin": 0.3},
-        ),
-        (
-            "MultiSimilarityLoss",
-            {"name": "multi_similarity_loss", "reduction": "sum_over_batch_size"},
-            {"scale_pos": 2.0, "scale_neg": 30.0, "thresh": 0.5, "margin": 0.1},
-            {"alpha": 2.0, "beta": 30.0, "threshold": 0.5, "epsilon": 0.1},
-        ),
-    ]
-    for class_name, base, old, new in old_configs:
-        config = {
-            "module": "xbm_tf.losses",
-            "class_name": class_name,
-            "config": {**base, **old},
-            "registered_name": f"xbm_tf>{class_name}",
-        }
-        with pytest.warns(DeprecationWarning):
-            loss = keras.losses.deserialize(config)
-        assert type(loss).__name__ == class_name
-        assert loss.hyper_parameters == new
+    with pytest.raises(TypeError, match="margin"):
+        contrastive_loss(e, y, e, y, margin=0.1)
 
 
 # --- Custom losses save -----------------------------------------------------------

@@ -8,16 +8,14 @@ the wrapper classes read them from there (`hyper_parameters`).
 
 from __future__ import annotations
 
-import functools
 import inspect
-import warnings
 
 import keras
 from keras import ops
 
 from xbm_tf.losses.pairs import check_labels
 
-__all__ = ["PairLoss", "hyper_parameters", "renamed_hyper_parameters"]
+__all__ = ["PairLoss", "hyper_parameters"]
 
 SIGNATURE = (
     "query_embeddings",
@@ -54,73 +52,6 @@ def hyper_parameters(fn) -> dict:
         )
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name: p.default for p in params[len(SIGNATURE) :] if p.kind in kinds}
-
-
-def _rename(owner: str, kwargs: dict, renames: dict) -> dict:
-    """Maps deprecated keyword names to their new names, with a warning."""
-    kwargs = dict(kwargs)
-    for old, new in renames.items():
-        if old not in kwargs:
-            continue
-        if new in kwargs:
-            raise TypeError(
-                f"{owner}: pass {new}= only ({old}= is its deprecated name)"
-            )
-        warnings.warn(
-            f"{owner}: the hyper-parameter {old}= is deprecated, use {new}=",
-            DeprecationWarning,
-            stacklevel=4,
-        )
-        kwargs[new] = kwargs.pop(old)
-    return kwargs
-
-
-def with_deprecated_names(fn, owner: str, explicit: dict, kwargs: dict) -> dict:
-    """A wrapper class's hyper-parameters: its explicit ones plus renamed old ones.
-
-    The classes list the new names with the function's defaults; an old name in
-    `kwargs` (e.g. `margin=` from a `.keras` file saved before the rename) takes
-    the place of its new name unless that was also given a non-default value.
-    """
-    renames = getattr(fn, "renamed_hyper_parameters", {})
-    defaults = hyper_parameters(fn)
-    kwargs = dict(kwargs)
-    explicit = dict(explicit)
-    for old, new in renames.items():
-        if old in kwargs and new in explicit:
-            if explicit[new] != defaults[new]:
-                raise TypeError(
-                    f"{owner}: pass {new}= only ({old}= is its deprecated name)"
-                )
-            del explicit[new]
-    return {**explicit, **_rename(owner, kwargs, renames)}
-
-
-def renamed_hyper_parameters(**renames: str):
-    """Decorator: a pair-loss function still accepts old keyword names, with a warning.
-
-    Args:
-        **renames: `old_name="new_name"` pairs.
-
-    Returns:
-        A decorator; the wrapped function has the same signature and a
-        `renamed_hyper_parameters` attribute `{old: new}` that `PairLoss` also
-        honours (so configs of `.keras` files saved with the old names still load).
-
-    Example:
-    >>> @renamed_hyper_parameters(margin="neg_margin")
-    ... def contrastive_loss(..., neg_margin=0.5): ...
-    """
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            return fn(*args, **_rename(fn.__name__, kwargs, renames))
-
-        wrapper.renamed_hyper_parameters = dict(renames)
-        return wrapper
-
-    return decorate
 
 
 @keras.saving.register_keras_serializable(package="xbm_tf")
@@ -175,9 +106,7 @@ class PairLoss(keras.losses.Loss):
             raise TypeError(f"fn must be a pair-loss function, got {fn!r}")
         defaults = hyper_parameters(fn)
         owner = type(self).__name__
-        given = _rename(
-            owner, hyper_parameters_, getattr(fn, "renamed_hyper_parameters", {})
-        )
+        given = dict(hyper_parameters_)
         unknown = sorted(set(given) - set(defaults))
         if unknown:
             raise TypeError(
@@ -209,14 +138,6 @@ class PairLoss(keras.losses.Loss):
         raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
     def __setattr__(self, name, value):
-        renamed = getattr(self.__dict__.get("_fn"), "renamed_hyper_parameters", {})
-        if name in renamed:  # a deprecated name: as read-only as the new one
-            raise AttributeError(
-                f"{type(self).__name__}.{name} is the deprecated name of "
-                f"{renamed[name]}, and the hyper-parameters are read-only. Build a "
-                f"new loss, e.g. {type(self).__name__}({renamed[name]}={value!r}, "
-                "...), and pass it to the model or to compile(loss=...)"
-            )
         if name in self.__dict__.get("_hyper_parameters", {}) or name == "fn":
             raise AttributeError(
                 f"{type(self).__name__}.{name} is read-only: the hyper-parameters "

@@ -5,17 +5,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from xbm_tf.losses.base import (
-    PairLoss,
-    hyper_parameters,
-    renamed_hyper_parameters,
-    with_deprecated_names,
-)
+from xbm_tf.losses.base import PairLoss, hyper_parameters
 from xbm_tf.losses.pairs import pair_masks, similarity_matrix
 
 
 @keras.saving.register_keras_serializable(package="xbm_tf")
-@renamed_hyper_parameters(margin="neg_margin")
 def contrastive_loss(
     query_embeddings,
     query_labels,
@@ -41,8 +35,7 @@ def contrastive_loss(
         query_key_index: optional integer `(B,)`, the index of each query's own copy
             among the keys (excluded); negative for none.
         neg_margin: the similarity threshold of negatives: negatives at or below
-            it cost nothing (the paper's margin lambda; `margin=` is its
-            deprecated name).
+            it cost nothing (the paper's margin lambda).
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
@@ -64,7 +57,7 @@ class ContrastiveLoss(PairLoss):
 
     Args:
         neg_margin: negatives with cosine similarity at or below it cost nothing
-            (default 0.5, the paper's; `margin=` is its deprecated name).
+            (default 0.5, the paper's).
         **kwargs: `name`, `reduction` and `dtype`, as in `keras.losses.Loss`.
 
     Example:
@@ -76,9 +69,4 @@ class ContrastiveLoss(PairLoss):
     """
 
     def __init__(self, neg_margin: float = _DEFAULTS["neg_margin"], **kwargs):
-        super().__init__(
-            contrastive_loss,
-            **with_deprecated_names(
-                contrastive_loss, "ContrastiveLoss", {"neg_margin": neg_margin}, kwargs
-            ),
-        )
+        super().__init__(contrastive_loss, neg_margin=neg_margin, **kwargs)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from xbm_tf.losses.base import (
-    PairLoss,
-    hyper_parameters,
-    renamed_hyper_parameters,
-    with_deprecated_names,
-)
+from xbm_tf.losses.base import PairLoss, hyper_parameters
 from xbm_tf.losses.pairs import masked_max, masked_min, pair_masks, similarity_matrix
 
 
@@ -22,9 +17,6 @@ def _soft_sum(values, mask, scale):
 
 
 @keras.saving.register_keras_serializable(package="xbm_tf")
-@renamed_hyper_parameters(
-    scale_pos="alpha", scale_neg="beta", thresh="threshold", margin="epsilon"
-)
 def multi_similarity_loss(
     query_embeddings,
     query_labels,
@@ -80,9 +72,7 @@ _DEFAULTS = hyper_parameters(multi_similarity_loss)
 class MultiSimilarityLoss(PairLoss):
     """Multi-similarity loss as a `keras.losses.Loss`.
 
-    The defaults are the reference XBM code's. The old names `scale_pos`,
-    `scale_neg`, `thresh` and `margin` are deprecated aliases of `alpha`, `beta`,
-    `threshold` and `epsilon`.
+    The defaults are the reference XBM code's.
 
     Args:
         alpha: the scale of the positive term, 2.
@@ -108,10 +98,11 @@ class MultiSimilarityLoss(PairLoss):
         epsilon: float = _DEFAULTS["epsilon"],
         **kwargs,
     ):
-        explicit = dict(alpha=alpha, beta=beta, threshold=threshold, epsilon=epsilon)
         super().__init__(
             multi_similarity_loss,
-            **with_deprecated_names(
-                multi_similarity_loss, "MultiSimilarityLoss", explicit, kwargs
-            ),
+            alpha=alpha,
+            beta=beta,
+            threshold=threshold,
+            epsilon=epsilon,
+            **kwargs,
         )
