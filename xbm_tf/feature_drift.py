@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from xbm_tf.data.pipeline import drop_corrupt_images, eval_dataset
 from xbm_tf.data.splits import ImageSet
-from xbm_tf.retrieval_callback import embed_dataset
+from xbm_tf.retrieval.callback import embed_dataset
 
 __all__ = ["FeatureDrift"]
 
