@@ -88,12 +88,14 @@ class TrainingBackup(keras.callbacks.Callback):
         every_steps: save after every this many steps (and at epoch ends).
 
     Example:
-    >>> backup = TrainingBackup("runs/x/backup", every_steps=100)
-    >>> step = backup.restore(model)
-    >>> for first, initial, epochs, steps in fit_segments(step, 500, 10):
-    ...     model.fit(train_dataset(..., start_step=first), initial_epoch=initial,
-    ...               epochs=epochs, steps_per_epoch=steps, callbacks=[backup])
-    >>> backup.delete()
+    ```python
+    backup = TrainingBackup("runs/x/backup", every_steps=100)
+    step = backup.restore(model)
+    for first, initial, epochs, steps in fit_segments(step, 500, 10):
+        model.fit(train_dataset(..., start_step=first), initial_epoch=initial,
+                  epochs=epochs, steps_per_epoch=steps, callbacks=[backup])
+    backup.delete()
+    ```
     """
 
     def __init__(self, backup_dir: str, every_steps: int = 100):

@@ -37,11 +37,13 @@ def make_strategy(name: str = "default", devices: list[str] | None = None):
         A `tf.distribute.Strategy`.
 
     Example:
-    >>> strategy = make_strategy("mirrored")
-    >>> with strategy.scope():
-    ...     model = XBMContrastiveModel(backbone, memory_size=8192)
-    ...     model.compile(optimizer="adam")
-    >>> model.fit(train_ds, epochs=10, steps_per_epoch=500)
+    ```python
+    strategy = make_strategy("mirrored")
+    with strategy.scope():
+        model = XBMContrastiveModel(backbone, memory_size=8192)
+        model.compile(optimizer="adam")
+    model.fit(train_ds, epochs=10, steps_per_epoch=500)
+    ```
     """
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}: expected one of {STRATEGIES}")
@@ -197,7 +199,10 @@ def worker_path(path: str, strategy=None) -> str:
         The path this worker writes.
 
     Example:
-    >>> backup = worker_path(os.path.join(workdir, "backup"), strategy)
+    >>> import keras
+    >>> backup = worker_path("runs/x/backup")  # the chief's path: unchanged
+    >>> backup
+    'runs/x/backup'
     >>> callbacks = [keras.callbacks.BackupAndRestore(backup)]
     """
     strategy = strategy or tf.distribute.get_strategy()

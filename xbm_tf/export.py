@@ -71,8 +71,10 @@ def export_embedding_model(
             (anything with an `embedding_model` attribute).
 
     Example:
+        >>> import numpy as np
+        >>> from xbm_tf import build_embedding_model
         >>> model = build_embedding_model("tiny", 8, input_shape=(28, 28, 1))
-        >>> path = export_embedding_model(model, "/tmp/xbm_export")
+        >>> path = export_embedding_model(model, "xbm_export")
         >>> embed = load_exported_embedder(path)
         >>> embed(np.zeros((2, 28, 28, 1), "float32")).shape
         (2, 8)
@@ -138,8 +140,8 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> str:
             `overwrite` is False.
 
     Example:
-        >>> check_export_dir("/tmp/new_export", overwrite=False)
-        '/tmp/new_export'
+        >>> check_export_dir("new_export", overwrite=False)  # an absolute path
+        '/.../new_export'
     """
     export_dir = os.path.abspath(os.fspath(export_dir))
     if os.path.exists(export_dir):
@@ -175,8 +177,9 @@ def write_atomically(
         The absolute path of `export_dir`.
 
     Example:
-        >>> write_atomically("/tmp/out", lambda d: os.makedirs(d))
-        '/tmp/out'
+        >>> import os
+        >>> write_atomically("out", lambda d: os.makedirs(d))
+        '/.../out'
     """
     export_dir = os.path.abspath(os.fspath(export_dir))
     parent = os.path.dirname(export_dir)
@@ -228,8 +231,10 @@ def load_exported_embedder(
             images whose shape does not fit the signature.
 
     Example:
-        >>> embed = load_exported_embedder("/tmp/xbm_export")
-        >>> embeddings = embed(images)  # (batch, embedding_dim), unit norm
+        ```python
+        embed = load_exported_embedder("/tmp/xbm_export")
+        embeddings = embed(images)  # (batch, embedding_dim), unit norm
+        ```
     """
     path = os.fspath(export_dir)
     if not tf.saved_model.contains_saved_model(path):

@@ -56,9 +56,16 @@ class CrossBatchMemory(keras.layers.Layer):
             `embeddings` holds the uint16 bit patterns.
 
     Example:
-    >>> memory = CrossBatchMemory(memory_size=1024, embedding_dim=128)
-    >>> rows = memory.enqueue(embeddings, labels)   # indices written, (B,)
+    >>> import numpy as np
+    >>> memory = CrossBatchMemory(memory_size=4, embedding_dim=2)
+    >>> embeddings = np.array([[1, 0], [0, 1], [0.6, 0.8]], "float32")
+    >>> memory.enqueue(embeddings, np.array([7, 8, 9])).numpy().tolist()  # rows
+    [0, 1, 2]
+    >>> memory.enqueue(embeddings[:2], np.array([5, 6])).numpy().tolist()  # wraps
+    [3, 0]
     >>> keys, key_labels, valid = memory.read()
+    >>> key_labels.numpy().tolist(), valid.numpy().tolist()
+    ([6, 8, 9, 5], [True, True, True, True])
 
     Reference:
         Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020.

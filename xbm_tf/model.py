@@ -69,10 +69,23 @@ class XBMContrastiveModel(keras.Model):
     see `make_train_function`.
 
     Example:
-    >>> model = XBMContrastiveModel(backbone, memory_size=8192, xbm_start_step=1000)
-    >>> model.compile(optimizer=keras.optimizers.Adam(1e-4))
-    >>> model.fit(train_ds, epochs=10, steps_per_epoch=500)
-    >>> features = model.predict(images)
+    >>> import numpy as np
+    >>> import tensorflow as tf
+    >>> from xbm_tf import build_embedding_model
+    >>> backbone = build_embedding_model("tiny", 8, input_shape=(28, 28, 1))
+    >>> model = XBMContrastiveModel(backbone, memory_size=64, xbm_start_step=2)
+    >>> model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    >>> rng = np.random.default_rng(0)
+    >>> images = rng.uniform(0, 255, (8, 28, 28, 1)).astype("float32")
+    >>> labels = np.repeat(np.arange(4), 2)  # P x K = 4 classes x 2 images
+    >>> train_ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    >>> history = model.fit(
+    ...     train_ds, epochs=2, steps_per_epoch=2, shuffle=False, verbose=0
+    ... )
+    >>> history.history["memory_fill"]  # the memory joins after 2 updates
+    [0.0, 0.25]
+    >>> model.predict(images, verbose=0).shape
+    (8, 8)
 
     Reference:
         Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020.

@@ -47,8 +47,10 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
         check_weights: also stop when a trainable weight is not finite.
 
     Example:
-    >>> model.fit(train, epochs=10, steps_per_epoch=500,
-    ...           callbacks=[TerminateOnNonFinite(), backup, checkpoint])
+    ```python
+    model.fit(train, epochs=10, steps_per_epoch=500,
+              callbacks=[TerminateOnNonFinite(), backup, checkpoint])
+    ```
     """
 
     def __init__(self, check_weights: bool = True):

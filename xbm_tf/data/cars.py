@@ -60,9 +60,10 @@ def load_cars196(root: str, *, check_files: bool = True) -> RetrievalSplits:
 
     Example:
 
-    >>> splits = load_cars196("/data/cars196")  # doctest: +SKIP
-    >>> len(splits.train), len(splits.test)  # doctest: +SKIP
-    (8054, 8131)
+    ```python
+    splits = load_cars196("/data/cars196")
+    len(splits.train), len(splits.test)  # (8054, 8131)
+    ```
     """
     import scipy.io
 

@@ -63,9 +63,10 @@ def load_cub(root: str, *, check_files: bool = True) -> RetrievalSplits:
 
     Example:
 
-    >>> splits = load_cub("/data/CUB_200_2011")  # doctest: +SKIP
-    >>> len(splits.train), len(splits.test)  # doctest: +SKIP
-    (5864, 5924)
+    ```python
+    splits = load_cub("/data/CUB_200_2011")
+    len(splits.train), len(splits.test)  # (5864, 5924)
+    ```
     """
     root = layout.require_dir(root, "CUB-200-2011", CUB_LAYOUT)
     images_txt = layout.require_file(

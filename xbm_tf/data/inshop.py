@@ -59,9 +59,10 @@ def load_inshop(root: str, *, check_files: bool = True) -> RetrievalSplits:
 
     Example:
 
-    >>> splits = load_inshop("/data/inshop")  # doctest: +SKIP
-    >>> len(splits.train), len(splits.query), len(splits.gallery)  # doctest: +SKIP
-    (25882, 14218, 12612)
+    ```python
+    splits = load_inshop("/data/inshop")
+    len(splits.train), len(splits.query), len(splits.gallery)  # (25882, 14218, 12612)
+    ```
     """
     root = layout.require_dir(root, "In-Shop", INSHOP_LAYOUT)
     path = layout.require_file(

@@ -374,8 +374,10 @@ def drop_corrupt_images(
 
     Example:
 
-    >>> clean, skipped = drop_corrupt_images(train_set)  # doctest: +SKIP
-    >>> print(f"skipped {len(skipped)} corrupt images: {list(skipped)[:5]}")
+    ```python
+    clean, skipped = drop_corrupt_images(train_set)
+    print(f"skipped {len(skipped)} corrupt images: {list(skipped)[:5]}")
+    ```
     """
     problems = find_corrupt_images(image_set, decode=decode)
     if not problems:

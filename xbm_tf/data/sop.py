@@ -79,9 +79,10 @@ def load_sop(root: str, *, check_files: bool = True) -> RetrievalSplits:
 
     Example:
 
-    >>> splits = load_sop("/data/Stanford_Online_Products")  # doctest: +SKIP
-    >>> len(splits.train), len(splits.test)  # doctest: +SKIP
-    (59551, 60502)
+    ```python
+    splits = load_sop("/data/Stanford_Online_Products")
+    len(splits.train), len(splits.test)  # (59551, 60502)
+    ```
     """
     root = layout.require_dir(root, "Stanford Online Products", SOP_LAYOUT)
     train = _read_split(root, "Ebay_train.txt", "sop/train")

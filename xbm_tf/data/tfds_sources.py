@@ -66,9 +66,10 @@ def load_tfds(
 
     Example:
 
-    >>> splits = load_tfds("caltech_birds2011")  # doctest: +SKIP
-    >>> len(splits.train), len(splits.test)  # doctest: +SKIP
-    (5864, 5924)
+    ```python
+    splits = load_tfds("caltech_birds2011")
+    len(splits.train), len(splits.test)  # (5864, 5924)
+    ```
     """
     if name not in _BUILDERS:
         raise ValueError(f"name must be one of {TFDS_NAMES}, got {name!r}.")

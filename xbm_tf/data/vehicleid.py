@@ -89,9 +89,10 @@ def load_vehicleid(
 
     Example:
 
-    >>> splits = load_vehicleid("/data/VehicleID", "large")  # doctest: +SKIP
-    >>> len(splits.train), len(splits.test)  # doctest: +SKIP
-    (110178, 20038)
+    ```python
+    splits = load_vehicleid("/data/VehicleID", "large")
+    len(splits.train), len(splits.test)  # (110178, 20038)
+    ```
     """
     if test_size not in VEHICLEID_TEST_LISTS:
         raise ValueError(

@@ -40,6 +40,7 @@ def hyper_parameters(fn) -> dict:
         order; a parameter without a default maps to `inspect.Parameter.empty`.
 
     Example:
+    >>> from xbm_tf.losses import contrastive_loss
     >>> hyper_parameters(contrastive_loss)
     {'neg_margin': 0.5}
     """
@@ -86,11 +87,22 @@ class PairLoss(keras.losses.Loss):
         **hyper_parameters_: the function's hyper-parameters (e.g. `neg_margin`).
 
     Example:
+    >>> import numpy as np
+    >>> from xbm_tf.losses import contrastive_loss
     >>> @keras.saving.register_keras_serializable(package="my_project")
-    ... def my_loss(query_embeddings, query_labels, key_embeddings, key_labels,
-    ...             key_mask=None, query_key_index=None, scale=1.0): ...
-    >>> loss = PairLoss(my_loss, scale=2.0)
-    >>> value = loss(labels, embeddings)
+    ... def scaled_contrastive(query_embeddings, query_labels, key_embeddings,
+    ...                        key_labels, key_mask=None, query_key_index=None,
+    ...                        scale=1.0):
+    ...     return scale * contrastive_loss(
+    ...         query_embeddings, query_labels, key_embeddings, key_labels,
+    ...         key_mask=key_mask, query_key_index=query_key_index)
+    >>> loss = PairLoss(scaled_contrastive, scale=2.0)
+    >>> loss.hyper_parameters
+    {'scale': 2.0}
+    >>> labels = np.array([0, 0, 1, 1])
+    >>> embeddings = np.array([[1, 0], [0, 1], [0, 1], [1, 0]], "float32")
+    >>> float(loss(labels, embeddings))  # 2 x (1 - 0 + 1): a far positive, a copy
+    4.0
     """
 
     def __init__(

@@ -61,8 +61,13 @@ class ContrastiveLoss(PairLoss):
         **kwargs: `name`, `reduction` and `dtype`, as in `keras.losses.Loss`.
 
     Example:
+    >>> import numpy as np
+    >>> labels = np.array([0, 0, 1, 1])
+    >>> embeddings = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8]], "float32")
     >>> loss = ContrastiveLoss(neg_margin=0.5)
-    >>> value = loss(labels, embeddings)  # in-batch loss, mean over queries
+    >>> # Per query: 0.2 (positive) + 0.6 or 0.6 + 0.96 (negatives above 0.5).
+    >>> round(float(loss(labels, embeddings)), 4)  # in-batch, mean over queries
+    1.28
 
     Reference:
         Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020.

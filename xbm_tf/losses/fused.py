@@ -141,9 +141,17 @@ def fused_contrastive_loss(
         The per-query losses, float32 of shape `(B,)`.
 
     Example:
-    >>> key_labels, valid = memory.read_labels()
+    >>> import numpy as np
+    >>> from xbm_tf import CrossBatchMemory
+    >>> memory = CrossBatchMemory(memory_size=8, embedding_dim=2)
+    >>> _ = memory.enqueue(np.array([[1, 0], [0, 1]], "float32"), np.array([0, 1]))
+    >>> key_labels, valid = memory.read_labels()  # 2 of 8 rows valid
+    >>> q = np.array([[0.6, 0.8]], "float32")  # one query, of class 1
+    >>> y = np.array([1])
     >>> losses = fused_contrastive_loss(
     ...     q, y, memory.keys(), key_labels, key_mask=valid)
+    >>> round(float(losses[0]), 4)  # positive: 1 - 0.8; hard negative: 0.6 > 0.5
+    0.8
     """
     keys, spec = _keys_of(key_embeddings)
     dtype = spec[0]

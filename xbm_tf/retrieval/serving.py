@@ -185,6 +185,7 @@ def embed_gallery(
         if the dataset yields them, else None; uint8 `(N, s, s, C)` or None.
 
     Example:
+        >>> from xbm_tf import build_embedding_model
         >>> model = build_embedding_model("tiny", 8, input_shape=(28, 28, 1))
         >>> emb, labels, _ = embed_gallery(model, np.zeros((3, 28, 28, 1)))
         >>> emb.shape, labels
@@ -487,9 +488,10 @@ def export_retrieval_model(
         ImportError: scann is not installed.
 
     Example:
+        >>> from xbm_tf import build_embedding_model
         >>> model = build_embedding_model("tiny", 8, input_shape=(28, 28, 1))
-        >>> gallery = np.random.rand(100, 28, 28, 1) * 255
-        >>> path = export_retrieval_model(model, gallery, "/tmp/retrieval", k=5)
+        >>> gallery = np.random.default_rng(0).uniform(0, 255, (100, 28, 28, 1))
+        >>> path = export_retrieval_model(model, gallery, "retrieval", k=5)
         >>> search = load_retrieval_model(path)
         >>> search(gallery[:2])["ids"].shape
         (2, 5)
@@ -625,8 +627,10 @@ def load_retrieval_model(path: str | os.PathLike) -> RetrievalModel:
         ValueError: the SavedModel is not a retrieval export.
 
     Example:
-        >>> search = load_retrieval_model("runs/quickstart/retrieval")
-        >>> search(images)["ids"]  # (batch, k) gallery ids
+        ```python
+        search = load_retrieval_model("runs/quickstart/retrieval")
+        search(images)["ids"]  # (batch, k) gallery ids
+        ```
     """
     path = os.fspath(path)
     _scann_ops()
