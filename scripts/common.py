@@ -389,14 +389,19 @@ def evaluate_and_plot(
     num_queries: int = 8,
     k: int = 5,
 ) -> dict[str, float]:
-    """Recall@K, MAP@R and R-precision, plus a retrieval grid PNG in `out_dir`.
+    """Recall@K, MAP@R and R-precision, plus two retrieval grid PNGs in `out_dir`.
+
+    `retrieval_grid_{name}.png` shows queries spread evenly over the query set,
+    `retrieval_grid_{name}_hardest.png` the queries whose first correct result
+    ranks lowest (one more counting pass over the similarities, the cost of
+    Recall@K), each with its top `k`.
 
     Args:
         embeddings: `(query, query_labels, gallery, gallery_labels)` as returned by
             `RetrievalEvaluation.embed()` (gallery entries None for leave-one-out).
         splits: the dataset, for the images of the grid.
-        out_dir: where `retrieval_grid_{name}.png` is written.
-        name: a tag for the file, e.g. "before" or "after".
+        out_dir: where the grids are written.
+        name: a tag for the files, e.g. "before" or "after".
     """
     query, query_labels, gallery, gallery_labels = embeddings
     metrics = retrieval.retrieval_metrics(
@@ -407,10 +412,29 @@ def evaluate_and_plot(
         ks=recall_ks(),
         backend=EVAL_BACKEND.value,
     )
+    spread = np.linspace(0, len(query) - 1, min(num_queries, len(query))).astype(int)
+    path = os.path.join(out_dir, f"retrieval_grid_{name}.png")
+    _retrieval_grid(embeddings, splits, spread, k, path)
+    ranks = retrieval.first_correct_ranks(query, query_labels, gallery, gallery_labels)
+    hardest = np.argsort(-ranks, kind="stable")[:num_queries]
+    hardest = hardest[ranks[hardest] >= 0]  # a class of one is never correct
+    if hardest.size:
+        path = os.path.join(out_dir, f"retrieval_grid_{name}_hardest.png")
+        _retrieval_grid(embeddings, splits, hardest, k, path)
+        absl_logging.info(
+            "%s: the hardest queries' first correct results rank %s (0 = first)",
+            path,
+            ", ".join(str(r) for r in ranks[hardest]),
+        )
+    return metrics
+
+
+def _retrieval_grid(embeddings, splits, chosen, k, path) -> None:
+    """Draws the queries `chosen` with their top `k` (by `--eval_backend`)."""
+    query, _, gallery, _ = embeddings
     leave_one_out = gallery is None
     query_set = splits.test if leave_one_out else splits.query
     gallery_set = splits.test if leave_one_out else splits.gallery
-    chosen = np.linspace(0, len(query) - 1, min(num_queries, len(query))).astype(int)
     neighbors, _ = retrieval.nearest_neighbors(
         query[chosen],
         query if leave_one_out else gallery,
@@ -428,11 +452,10 @@ def evaluate_and_plot(
         _images(gallery_set, shown),
         gallery_set.labels[shown],
         local.reshape(neighbors.shape),
-        os.path.join(out_dir, f"retrieval_grid_{name}.png"),
+        path,
         num_queries=len(chosen),
         k=k,
     )
-    return metrics
 
 
 def write_table(results: dict[str, dict[str, float]], out_dir: str) -> str:

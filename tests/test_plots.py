@@ -14,6 +14,7 @@ from xbm_tf.plots import (
     grid_layout,
     plot_recall_curve,
     plot_retrieval_grid,
+    recall_curve_figure,
 )
 
 _C0 = (0x1F, 0x77, 0xB4)  # matplotlib's first two default line colours
@@ -242,3 +243,34 @@ def test_retrieval_grid_without_labels_frames_results_neutral(tmp_path):
             center = img[y + tile_h // 2, x + tile_w // 2]
             assert tuple(center) == (nn[row, col - 1] * 20,) * 3
     assert _count(img, GREEN) == 0 and _count(img, RED) == 0
+
+
+def _boxes_overlap(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize(
+    "results",
+    [
+        {  # the quickstart's: close curves, labels that used to overlap at K = 4, 8
+            "before": {1: 0.8916, 2: 0.9403, 4: 0.9683, 8: 0.9844},
+            "after": {1: 0.9656, 2: 0.9792, 4: 0.9867, 8: 0.9933},
+        },
+        {"a": {1: 0.5, 10: 0.5}, "b": {1: 0.5, 10: 0.501}, "c": {1: 0.499, 10: 0.5}},
+    ],
+)
+def test_recall_curve_zooms_to_the_data_and_keeps_labels_apart(results):
+    fig, labels = recall_curve_figure(results)
+    renderer = fig.canvas.get_renderer()
+    values = [v for _, v, _ in labels]
+    low, high = fig.axes[0].get_ylim()
+    assert low > 0 and low < min(values) and high > max(values)
+    boxes = [text.get_window_extent(renderer) for _, _, text in labels]
+    for i in range(len(boxes)):
+        for j in range(i):
+            assert not _boxes_overlap(boxes[i], boxes[j]), (labels[i], labels[j])
+    # Every label stays inside the figure.
+    figure_box = fig.bbox
+    for box in boxes:
+        assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1
+        assert figure_box.y0 <= box.y0 and box.y1 <= figure_box.y1

@@ -19,6 +19,7 @@ __all__ = [
     "plot_feature_drift",
     "plot_recall_curve",
     "plot_retrieval_grid",
+    "recall_curve_figure",
 ]
 
 GREEN = (0, 200, 0)
@@ -61,32 +62,51 @@ def _save(fig, path, dpi) -> str:
     return path
 
 
-def plot_recall_curve(
+def _recall_axis_limits(values: list[float]) -> tuple[float, float]:
+    """Y limits (percent) zoomed to the data, with room for a label either side."""
+    low, high = min(values), max(values)
+    span = max(high - low, 1.0)  # at least one point of recall
+    return max(0.0, low - 0.3 * span), high + 0.3 * span
+
+
+def _place_value_labels(fig, ax, labels, gap_px: float = 2.0) -> None:
+    """Moves value labels apart: at each K, label by label from the top down.
+
+    `labels` holds `(k, value, annotation)`. At each K the highest value's label
+    sits above its point and the others below theirs; a label that would overlap
+    the one above it is pushed down until there is `gap_px` between them.
+    """
+    renderer = fig.canvas.get_renderer()
+    by_k: dict[int, list] = {}
+    for k, value, text in labels:
+        by_k.setdefault(k, []).append((value, text))
+    points_per_px = 72.0 / fig.dpi
+    for column in by_k.values():
+        column.sort(key=lambda item: -item[0])
+        above = None
+        for rank, (_, text) in enumerate(column):
+            text.set_verticalalignment("bottom" if rank == 0 else "top")
+            text.set_position((0, 6 if rank == 0 else -6))
+            box = text.get_window_extent(renderer)
+            if above is not None and box.y1 > above.y0 - gap_px:
+                shift = (box.y1 - (above.y0 - gap_px)) * points_per_px
+                x, y = text.get_position()
+                text.set_position((x, y - shift))
+                box = text.get_window_extent(renderer)
+            above = box
+
+
+def recall_curve_figure(
     results,
-    path,
     title: str | None = None,
     figsize: tuple[float, float] = (6.4, 4.0),
     dpi: int = 100,
-) -> str:
-    """Writes a Recall@K curve (log-scaled K axis, recall in percent) as a PNG.
-
-    Args:
-        results: `{K: recall}` for one curve, or `{name: {K: recall}}` for
-            several (e.g. before/after training). Keys may also be strings such
-            as `"recall@1"` or `"val_recall@1"` (so the output of
-            `retrieval_metrics` or `RetrievalEvaluation.evaluate` can be passed
-            as is); other keys such as `"map@r"` are ignored. Recall in [0, 1].
-        path: output PNG path; parent directories are created.
-        title: figure title.
-        figsize: figure size in inches; the PNG is `figsize * dpi` pixels.
-        dpi: resolution.
+):
+    """The matplotlib `Figure` that `plot_recall_curve` writes (same arguments).
 
     Returns:
-        `path` as a string.
-
-    Example:
-    >>> plot_recall_curve({1: 0.62, 2: 0.74, 4: 0.83, 8: 0.89}, "/tmp/r.png")
-    '/tmp/r.png'
+        `(figure, labels)`: the figure, drawn on an Agg canvas, and its value
+        labels as `(K, recall in percent, matplotlib Annotation)`.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -105,32 +125,80 @@ def plot_recall_curve(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     all_ks = sorted({k for ks, _ in curves.values() for k in ks})
+    labels = []
     for name, (ks, values) in curves.items():
         percent = [100.0 * v for v in values]
-        ax.plot(ks, percent, marker="o", label=name)
+        (line,) = ax.plot(ks, percent, marker="o", label=name)
         for k, v in zip(ks, percent):
-            ax.annotate(
+            text = ax.annotate(
                 f"{v:.1f}",
                 (k, v),
                 textcoords="offset points",
                 xytext=(0, 6),
                 ha="center",
                 fontsize=8,
+                color=line.get_color(),
             )
+            labels.append((k, v, text))
     if all_ks[-1] > all_ks[0]:
         ax.set_xscale("log", base=2 if all_ks[-1] <= 64 else 10)
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_minor_formatter(NullFormatter())
+        # Room for the labels of the first and last K.
+        ax.set_xlim(all_ks[0] / 1.25, all_ks[-1] * 1.25)
     ax.set_xticks(all_ks, [str(k) for k in all_ks])
-    ax.set_ylim(0, 105)
+    low, high = _recall_axis_limits([v for _, v, _ in labels])
+    ax.set_ylim(low, high)
+    # The top margin (room for labels) may pass 100%; no tick says more than 100.
+    ax.set_yticks([t for t in ax.get_yticks() if low <= t <= 100.0])
     ax.set_xlabel("K")
-    ax.set_ylabel("Recall@K (%)")
+    ax.set_ylabel("Recall@K (%), axis zoomed to the data")
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
     if None not in curves:
-        ax.legend(loc="lower right")
-    return _save(fig, path, dpi)
+        ax.legend(loc="best")
+    fig.tight_layout()
+    _place_value_labels(fig, ax, labels)
+    return fig, labels
+
+
+def plot_recall_curve(
+    results,
+    path,
+    title: str | None = None,
+    figsize: tuple[float, float] = (6.4, 4.0),
+    dpi: int = 100,
+) -> str:
+    """Writes a Recall@K curve (log-scaled K axis, recall in percent) as a PNG.
+
+    The recall axis is zoomed to the values (it does not start at 0), so that
+    the gap between curves shows; each point carries its value, and at each K
+    the labels of several curves are kept apart (the highest above its point,
+    the others below theirs).
+
+    Args:
+        results: `{K: recall}` for one curve, or `{name: {K: recall}}` for
+            several (e.g. before/after training). Keys may also be strings such
+            as `"recall@1"` or `"val_recall@1"` (so the output of
+            `retrieval_metrics` or `RetrievalEvaluation.evaluate` can be passed
+            as is); other keys such as `"map@r"` are ignored. Recall in [0, 1].
+        path: output PNG path; parent directories are created.
+        title: figure title.
+        figsize: figure size in inches; the PNG is `figsize * dpi` pixels.
+        dpi: resolution.
+
+    Returns:
+        `path` as a string.
+
+    Example:
+    >>> plot_recall_curve({1: 0.62, 2: 0.74, 4: 0.83, 8: 0.89}, "r.png")
+    'r.png'
+    """
+    fig, _ = recall_curve_figure(results, title=title, figsize=figsize, dpi=dpi)
+    path = _parents(path)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
 
 
 def _to_rgb_uint8(images, name: str) -> np.ndarray:
@@ -225,8 +293,8 @@ def plot_retrieval_grid(
     >>> imgs = np.random.rand(10, 8, 8)
     >>> nn = np.argsort(np.random.rand(10, 10), axis=1)
     >>> plot_retrieval_grid(imgs, np.arange(10) % 2, imgs, np.arange(10) % 2, nn,
-    ...                     "/tmp/grid.png", num_queries=3, k=4)
-    '/tmp/grid.png'
+    ...                     "grid.png", num_queries=3, k=4)
+    'grid.png'
     """
     from matplotlib.image import imsave
 
@@ -344,8 +412,8 @@ def plot_feature_drift(
 
     Example:
     >>> plot_feature_drift([(10, 10, 0.5), (20, 10, 0.1), (20, 20, 0.4)],
-    ...                    "/tmp/drift.png")
-    '/tmp/drift.png'
+    ...                    "drift.png")
+    'drift.png'
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -406,8 +474,8 @@ def plot_ablation(
     ...           **{"recall@1_mean": v, "recall@1_std": 0.01})
     ...      for c, b, m, v in [("without memory", 16, 0, 0.5),
     ...                         ("with memory", 16, 64, 0.6)]]
-    >>> plot_ablation(s, "/tmp/ablation.png", metrics=("recall@1",))
-    '/tmp/ablation.png'
+    >>> plot_ablation(s, "ablation.png", metrics=("recall@1",))
+    'ablation.png'
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

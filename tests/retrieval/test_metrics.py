@@ -343,3 +343,37 @@ def test_rank_counting_band_and_fallback(monkeypatch):
     monkeypatch.setattr(counting, "MAX_PAIRS_PER_QUERY", 0)
     for backend in BACKENDS:
         assert ev.recall_at_k(x, y, ks=ks, backend=backend) == recall
+
+
+def _slow_first_correct_ranks(q, ql, g=None, gl=None):
+    """Per query: sort the candidates by (-exact score, index), find its class."""
+    loo = g is None
+    g, gl = (q, ql) if loo else (g, gl)
+    ranks = []
+    for i in range(len(q)):
+        scores = [
+            (-math.fsum(float(a) * float(b) for a, b in zip(q[i], g[j])), j)
+            for j in range(len(g))
+            if not (loo and j == i)
+        ]
+        order = [j for _, j in sorted(scores)]
+        hits = [p for p, j in enumerate(order) if gl[j] == ql[i]]
+        ranks.append(hits[0] if hits else -1)
+    return np.array(ranks)
+
+
+@pytest.mark.parametrize("huge_classes", [False, True])
+def test_first_correct_ranks_match_a_slow_loop(clustered, monkeypatch, huge_classes):
+    if huge_classes:  # the fallback for classes too large to count by pairs
+        monkeypatch.setattr(counting, "count_first_hit_ranks", lambda *a: None)
+    x, y = clustered(120, 6, 8, noise=1.5, seed=3)
+    y[7] = 99  # a class of one: never correct
+    ranks = ev.first_correct_ranks(x, y, block_size=32)
+    np.testing.assert_array_equal(ranks, _slow_first_correct_ranks(x, y))
+    assert ranks[7] == -1 and ranks.max() > 3  # some queries are hard
+    for k, recall in ev.recall_at_k(x, y, ks=(1, 4)).items():
+        assert recall == np.count_nonzero((ranks >= 0) & (ranks < k)) / len(y)
+    q, ql, g, gl = x[:30], y[:30], x[30:], y[30:]
+    np.testing.assert_array_equal(
+        ev.first_correct_ranks(q, ql, g, gl), _slow_first_correct_ranks(q, ql, g, gl)
+    )

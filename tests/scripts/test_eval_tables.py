@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -12,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import common  # noqa: E402
+
+from xbm_tf import data  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -48,3 +51,35 @@ def test_write_table_labels_approximate_results(tmp_path, monkeypatch):
     assert table.splitlines()[0].startswith("APPROXIMATE search (scann_ah)")
     assert titles == [None, "APPROXIMATE search (scann_ah)"]  # the PNG says so too
     assert "    recall@1     0.5000     0.5000" in table
+
+
+def test_evaluate_and_plot_draws_spread_and_hardest_queries(tmp_path, monkeypatch):
+    # Ranks of the first correct result: [0, 1, 1, 0, -1] (query 4 has no class
+    # mate): the hardest two are 1 and 2; the spread ones are 0 and 4.
+    x = np.array([[1, 0], [0.8, 0.6], [0.6, 0.8], [0, 1], [0, -1]], np.float32)
+    labels = np.array([0, 0, 1, 1, 2])
+    toy = data.ImageSet(np.zeros((5, 4, 4, 1), np.uint8), labels, "toy")
+    splits = data.RetrievalSplits(train=toy, test=toy, name="toy")
+    # Image i is filled with i, so a grid's rows name their queries.
+    monkeypatch.setattr(
+        common, "_images", lambda s, idx: np.asarray(idx, np.float32)[:, None, None]
+    )
+    drawn = {}
+
+    def recording_grid(query_images, *args, **kwargs):
+        drawn[os.path.basename(args[4])] = query_images[:, 0, 0].astype(int).tolist()
+
+    monkeypatch.setattr(common.plots, "plot_retrieval_grid", recording_grid)
+    try:
+        FLAGS.unparse_flags()
+        FLAGS(["script", "--recall_ks=1,2"])
+        metrics = common.evaluate_and_plot(
+            (x, labels, None, None), splits, str(tmp_path), "after", num_queries=2, k=2
+        )
+    finally:
+        FLAGS.unparse_flags()
+    assert drawn == {
+        "retrieval_grid_after.png": [0, 4],
+        "retrieval_grid_after_hardest.png": [1, 2],
+    }
+    assert metrics["recall@1"] == pytest.approx(2 / 5)

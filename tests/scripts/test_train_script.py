@@ -84,6 +84,7 @@ def test_smoke_run_writes_everything_and_evaluate_agrees(
         "recall_curve.png",
         "retrieval_grid_before.png",
         "retrieval_grid_after.png",
+        "retrieval_grid_after_hardest.png",
         "checkpoints/last.keras",
     ):
         assert (workdir / name).stat().st_size > 1000, name

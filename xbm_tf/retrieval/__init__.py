@@ -5,6 +5,7 @@
 - `counting`: exact ranks of each query's best same-class item by one blocked
   matmul pass (Recall@K without top-K lists), shared tie rules.
 - `metrics`: `recall_at_k`, `map_at_r`, `r_precision`, `retrieval_metrics`,
+  `first_correct_ranks`,
   `metrics_from_neighbors`.
 - `callback`: the `RetrievalEvaluation` Keras callback and `embed_dataset`.
 - `inputs`: argument checks shared by all of them.
@@ -24,6 +25,7 @@ from xbm_tf.retrieval.engines import (
     nearest_neighbors,
 )
 from xbm_tf.retrieval.metrics import (
+    first_correct_ranks,
     map_at_r,
     metrics_from_neighbors,
     r_precision,
@@ -49,6 +51,7 @@ __all__ = [
     "embed_dataset",
     "embed_gallery",
     "export_retrieval_model",
+    "first_correct_ranks",
     "load_retrieval_model",
     "map_at_r",
     "metrics_from_neighbors",

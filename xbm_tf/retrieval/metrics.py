@@ -43,6 +43,7 @@ import numpy as np
 from xbm_tf.retrieval import counting, engines, inputs
 
 __all__ = [
+    "first_correct_ranks",
     "map_at_r",
     "metrics_from_neighbors",
     "r_precision",
@@ -414,3 +415,54 @@ def r_precision(
         backend,
         block_size,
     )["r_precision"]
+
+
+def first_correct_ranks(
+    query_embeddings,
+    query_labels,
+    gallery_embeddings=None,
+    gallery_labels=None,
+    block_size: int | None = None,
+) -> np.ndarray:
+    """The exact 0-based rank of each query's first correct (same-class) result.
+
+    The number Recall@K thresholds (a hit at K iff the rank is below K), for
+    every query: rank 0 is a hit at 1; the hardest queries are those whose rank
+    is largest. Ranks are exact in the sense of `recall_at_k` (exact dot
+    products, ties by lower index), from the `"exact_rank"` counting pass.
+
+    Args:
+        query_embeddings: `(num_queries, dim)` L2-normalised embeddings.
+        query_labels: `(num_queries,)` class labels.
+        gallery_embeddings: `(num_gallery, dim)` embeddings, or `None` for
+            leave-one-out (each query searches the other queries).
+        gallery_labels: `(num_gallery,)` labels, or `None`.
+        block_size: query rows per block of the counting pass; `None` picks 1024.
+
+    Returns:
+        int64 `(num_queries,)`: the rank, or -1 for a query with no other item of
+        its class (never correct).
+
+    Example:
+    >>> x = np.array([[1, 0], [0.8, 0.6], [0.6, 0.8], [0, 1], [0, -1]], "float32")
+    >>> ranks = first_correct_ranks(x, [0, 0, 1, 1, 2])
+    >>> ranks.tolist()  # query 1's nearest is query 2, of the other class
+    [0, 1, 1, 0, -1]
+    >>> np.argsort(-ranks, kind="stable")[:2].tolist()  # the two hardest queries
+    [1, 2]
+    """
+    q, q_codes, g, g_codes, loo, _, _ = _checked(
+        query_embeddings, query_labels, gallery_embeddings, gallery_labels, None
+    )
+    rows = inputs.check_block_size(block_size, counting.DEFAULT_BLOCK_SIZE)
+    ranks = counting.count_first_hit_ranks(q, g, q_codes, g_codes, loo, rows)
+    if ranks is None:  # huge classes: rank every query by its float64 re-scoring
+        has = np.isfinite(counting.best_same_class(q, g, q_codes, g_codes, loo))
+        ranks = np.full(len(q), counting.NO_HIT, np.int64)
+        hits = np.flatnonzero(has)
+        if hits.size:
+            band = inputs.score_band(q, g)
+            ranks[hits] = counting.first_hit_ranks(
+                q, g, q_codes, g_codes, hits, loo, band
+            )
+    return np.where(ranks == counting.NO_HIT, -1, ranks).astype(np.int64)
