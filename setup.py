@@ -46,7 +46,15 @@ setup(
     ],
     extras_require={
         "docs": DOCS,
-        # The suite builds the docs (tests/test_docs.py), so it needs their tools.
-        "test": ["pytest>=8", "ruff>=0.5", *DOCS],
+        # The suite builds the docs (tests/test_docs.py) and runs the example
+        # notebook (tests/test_notebook.py), so it needs their tools.
+        "test": [
+            "pytest>=8",
+            "ruff>=0.5",
+            *DOCS,
+            "nbformat>=5.10",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+        ],
     },
 )
