@@ -140,7 +140,7 @@ def _memory_state(model):
 
 
 def test_keras_file_round_trip_restores_memory_and_training(tmp_path):
-    model, _ = _fit(False, loss=MultiSimilarityLoss(scale_neg=30.0))
+    model, _ = _fit(False, loss=MultiSimilarityLoss(beta=30.0))
     path = tmp_path / "m.keras"
     model.save(path)
     restored = keras.models.load_model(path)

@@ -107,7 +107,7 @@ def test_contrastive_matches_reference_loop(seed):
     q, ql, k, kl, mask, own = _random_problem(seed)
     for margin in (0.0, 0.3):
         got = contrastive_loss(
-            q, ql, k, kl, key_mask=mask, query_key_index=own, margin=margin
+            q, ql, k, kl, key_mask=mask, query_key_index=own, neg_margin=margin
         )
         want = reference_contrastive(q, ql, k, kl, mask, own, margin)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
@@ -140,7 +140,9 @@ def test_contrastive_closed_form():
     e = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     labels = np.array([0, 0, 1, 1])
     got = np.asarray(
-        contrastive_loss(e, labels, e, labels, query_key_index=np.arange(4), margin=0.4)
+        contrastive_loss(
+            e, labels, e, labels, query_key_index=np.arange(4), neg_margin=0.4
+        )
     )
     # Query 0: positive 1 (s=0.5) -> 0.5; negatives 2 (s=0), 3 (s=-1) -> below margin.
     # Query 1: positive 0 -> 0.5; negative 2 (s=cos(pi/6)=0.866) > 0.4 -> 0.866.
@@ -148,7 +150,7 @@ def test_contrastive_closed_form():
     # Query 3: positive 2 -> 1; negatives 0 (s=-1), 1 (s=-0.5): none.
     c = math.cos(math.pi / 6)
     np.testing.assert_allclose(got, [0.5, 0.5 + c, 1 + c, 1.0], atol=1e-6)
-    keras_value = ContrastiveLoss(margin=0.4)(labels, e)
+    keras_value = ContrastiveLoss(neg_margin=0.4)(labels, e)
     np.testing.assert_allclose(float(keras_value), got.mean(), atol=1e-6)
 
 
@@ -284,7 +286,7 @@ def test_key_mask_removes_keys_and_any_label_works():
         k,
         np.array([0, 7]),
         key_mask=np.array([False, True]),
-        margin=0.5,
+        neg_margin=0.5,
     )
     np.testing.assert_allclose(np.asarray(got), [math.sqrt(0.5)], atol=1e-6)
 
@@ -327,9 +329,9 @@ def test_multi_similarity_closed_form_single_pair():
 @pytest.mark.parametrize(
     "loss",
     [
-        ContrastiveLoss(margin=0.3),
+        ContrastiveLoss(neg_margin=0.3),
         TripletLoss(mining="hard"),
-        MultiSimilarityLoss(scale_neg=30.0),
+        MultiSimilarityLoss(beta=30.0),
     ],
 )
 def test_keras_wrapper_round_trips_config(loss):

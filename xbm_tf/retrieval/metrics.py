@@ -457,9 +457,9 @@ def first_correct_ranks(
     rows = inputs.check_block_size(block_size, counting.DEFAULT_BLOCK_SIZE)
     ranks = counting.count_first_hit_ranks(q, g, q_codes, g_codes, loo, rows)
     if ranks is None:  # huge classes: rank every query by its float64 re-scoring
-        has = np.isfinite(counting.best_same_class(q, g, q_codes, g_codes, loo))
+        members = np.bincount(g_codes, minlength=int(q_codes.max()) + 1)[q_codes]
         ranks = np.full(len(q), counting.NO_HIT, np.int64)
-        hits = np.flatnonzero(has)
+        hits = np.flatnonzero(members > int(loo))  # another item of its class
         if hits.size:
             band = inputs.score_band(q, g)
             ranks[hits] = counting.first_hit_ranks(
