@@ -183,3 +183,28 @@ def test_load_rejects_saved_model_without_embeddings_signature(tmp_path):
     tf.saved_model.save(module, path, signatures={"serving_default": module.f})
     with pytest.raises(ValueError, match=r"other.*'embeddings'.*logits"):
         load_exported_embedder(path)
+
+
+@pytest.mark.parametrize("input_dtype", ["float32", "uint8"])
+def test_bad_and_empty_batches_are_handled_inside_the_saved_model(
+    tmp_path, input_dtype
+):
+    model = _model(0)
+    path = export_embedding_model(model, tmp_path / "e", input_dtype=input_dtype)
+    embed = load_exported_embedder(path)  # a fresh load of the export
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    # An empty batch: (0, 8) embeddings, without running the network (whose
+    # batch normalization fails on an empty batch with oneDNN on AVX-512).
+    empty = np.zeros((0, *SHAPE), input_dtype)
+    assert embed(empty).shape == (0, 8)
+    assert signature(images=tf.constant(empty))["embeddings"].shape == (0, 8)
+    if input_dtype == "uint8":
+        return  # no pixel of a uint8 image is NaN
+    for pixel in (np.nan, np.inf):
+        x = _images(4)
+        x[2] = pixel  # an image full of NaN (or Inf)
+        x[3, 0, 0, 0] = pixel
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"row 2 \(of 4\)"):
+            embed(x)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"`images` row 2"):
+            signature(images=tf.constant(x))

@@ -199,6 +199,60 @@ def test_default_ids_are_row_numbers_and_images_are_embedded(model, tmp_path):
     assert searcher(images[:0])["ids"].shape == (0, 4)
 
 
+@pytest.mark.parametrize("index", ["brute_force", "tree_ah"])
+def test_bad_queries_are_refused_inside_the_saved_model(model, tmp_path, index):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+    images = rng.uniform(0, 255, (60, *SHAPE)).astype("float32")
+    ids = [f"img_{i}.png" for i in range(60)]
+    path = export_retrieval_model(model, images, tmp_path / "r", 4, ids, index)
+    searcher = load_retrieval_model(path)  # a fresh load of the export
+    signatures = searcher.saved_model.signatures  # what any client calls
+    assert searcher.index_info() == {"k": 4, "index": index, "num_items": 60}
+    info = signatures["index_info"]()
+    assert (int(info["k"]), int(info["num_items"])) == (4, 60)
+
+    good = searcher(images[:3])["embeddings"]
+    nan_image = images[:3].copy()
+    nan_image[1] = np.nan  # an image full of NaN
+    inf_pixel = images[:3].copy()
+    inf_pixel[2, 5, 7, 0] = np.inf
+    nan_row = np.full((1, DIM), np.nan, np.float32)
+    two_rows = np.stack([good[0], nan_row[0]])
+    zero_row = np.concatenate([good, np.zeros((1, DIM), np.float32)])
+    inf_row = good.copy()
+    inf_row[0, 3] = -np.inf
+    refused = [
+        ("serving_default", "images", nan_image, r"`images` row 1 \(of 3\) has a NaN"),
+        ("serving_default", "images", inf_pixel, r"`images` row 2 \(of 3\) has a NaN"),
+        ("search_embeddings", "embeddings", nan_row, r"`embeddings` row 0 \(of 1\)"),
+        ("search_embeddings", "embeddings", two_rows, r"`embeddings` row 1 \(of 2\)"),
+        ("search_embeddings", "embeddings", zero_row, r"row 3 \(of 4\) is all zeros"),
+        ("search_embeddings", "embeddings", inf_row, r"`embeddings` row 0 \(of 3\)"),
+    ]
+    for name, key, value, message in refused:
+        call = searcher if name == "serving_default" else searcher.search_embeddings
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            call(value)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            signatures[name](**{key: tf.constant(value)})
+
+    # An empty batch gives empty outputs of the right shapes and types.
+    out = searcher(images[:0])
+    assert out["ids"].shape == out["scores"].shape == (0, 4)
+    assert out["embeddings"].shape == (0, DIM) and out["ids"].dtype == object
+    out = signatures["search_embeddings"](embeddings=tf.zeros((0, DIM)))
+    assert out["ids"].shape == (0, 4) and out["ids"].dtype == tf.string
+    # Each query row gives one output row, the same as searched alone.
+    queries = np.concatenate([good, -good[:2], good[:1] * 1e-3])
+    out = searcher.search_embeddings(queries)
+    assert out["ids"].shape == out["scores"].shape == (6, 4)
+    for i, query in enumerate(queries):
+        alone = searcher.search_embeddings(query[None])
+        assert alone["ids"].tolist() == out["ids"][i : i + 1].tolist()
+
+
 def test_embed_gallery_from_dataset_keeps_labels_and_thumbnails(model):
     import tensorflow as tf
 
