@@ -125,3 +125,48 @@ def scaled_contrastive():
     """A custom pair-loss function registered with Keras (`scale` times the
     contrastive loss), for the tests that save and load custom losses."""
     return _scaled_contrastive
+
+
+# float32's unit roundoff: one rounding moves a value by at most this fraction.
+FLOAT32_UNIT = 2.0**-24
+
+
+def _float32_gap(
+    sum_length: int,
+    lr: float = 0.0,
+    steps: int = 0,
+    momentum: float = 0.0,
+    grad: float = 1.0,
+) -> float:
+    """How far two float32 computations of one value may drift apart when they
+    run different kernels (batch shapes, devices, XLA or not, replicas), which
+    add up the same terms in another order.
+
+    A sum of n float32 terms is within n * u of the exact sum, relative to the
+    sum of the absolute terms, in whatever order it is added (Higham's gamma_n
+    bound, u = 2**-24); two orders are thus within 2 n u of each other. Through
+    a network the relative errors of the sums on the way add up (to first
+    order), so `sum_length` is the total length of those sums: the fan-ins of
+    the layers, an L2 norm's width, a loss's sums over keys and batch rows and,
+    for training, the backward products and the gradients' sums over rows.
+
+    Training carries a gradient's error into the weights. Each step moves a
+    weight by at most `lr * grad / (1 - momentum)` over the rest of the run
+    (momentum replays an update with weights beta, beta**2, ...), where `grad`
+    bounds a gradient entry; after `steps` steps a weight is off by at most
+    2 n u times that path length, on top of the 2 n u of the last pass. To
+    first order in u, with lr * |Hessian| < 1 (no growth of earlier errors).
+
+    Returns:
+        The bound, relative to values of order 1 (use it as atol and rtol).
+    """
+    path = lr * steps * grad / (1.0 - momentum)
+    return 2.0 * sum_length * FLOAT32_UNIT * (1.0 + path)
+
+
+@pytest.fixture
+def float32_gap():
+    """`float32_gap(sum_length, lr=0, steps=0, momentum=0, grad=1)`: the bound
+    on the gap between two float32 computations of one value on different
+    kernels (see `_float32_gap` for the derivation)."""
+    return _float32_gap

@@ -218,6 +218,19 @@ def mirrored(tmp_path_factory):
         return {k: results[k] for k in results.files}
 
 
+def _replica_gap(float32_gap):
+    """How far two replicas of 4 rows may train away from one device with 8.
+
+    They run other kernels (oneDNN picks them by batch shape), which round in
+    another order. The sums on the way: fan-ins 12 and 16, the L2 norm and the
+    similarities over 6, each query's 8 + 28 keys and the mean over 8 rows, the
+    L2 penalty over 192 weights; backward, the 6- and 16-wide products and the
+    weight gradients over 8 rows: 306 terms. Twelve steps of SGD (lr 0.05,
+    momentum 0.9) carry the gradients' error into the weights: 2.6e-4.
+    """
+    return float32_gap(306, lr=0.05, steps=EPOCHS * ROWS // BATCH, momentum=0.9)
+
+
 def _assert_memory(res, prefix, want="single", rtol=0.0, atol=0.0):
     for name in ("embeddings", "labels", "count", "pointer"):
         got, ref = res[f"{prefix}/memory/{name}"], res[f"{want}/memory/{name}"][0]
@@ -228,7 +241,9 @@ def _assert_memory(res, prefix, want="single", rtol=0.0, atol=0.0):
 
 
 @pytest.mark.slow
-def test_two_replicas_keep_identical_memories_equal_to_one_device(mirrored):
+def test_two_replicas_keep_identical_memories_equal_to_one_device(
+    mirrored, float32_gap
+):
     assert mirrored["replicas"] == 2 and mirrored["replica_batch"] == BATCH // 2
     copies = mirrored["mirrored/memory/embeddings"]
     assert copies.shape == (2, MEMORY, DIM_OUT)
@@ -240,7 +255,8 @@ def test_two_replicas_keep_identical_memories_equal_to_one_device(mirrored):
     assert int(mirrored["single/memory/count"][0]) == MEMORY
     assert int(mirrored["single/memory/pointer"][0]) == enqueued % MEMORY
     assert np.all(np.linalg.norm(copies[0], axis=1) > 0.99)  # every row written
-    _assert_memory(mirrored, "mirrored", atol=1e-5)
+    gap = _replica_gap(float32_gap)
+    _assert_memory(mirrored, "mirrored", rtol=gap, atol=gap)
 
 
 @pytest.mark.slow
@@ -263,15 +279,16 @@ def test_two_replicas_keep_identical_bfloat16_memories(mirrored):
 
 
 @pytest.mark.slow
-def test_losses_and_weights_match_one_device(mirrored):
+def test_losses_and_weights_match_one_device(mirrored, float32_gap):
+    gap = _replica_gap(float32_gap)
     for key in ("loss", "batch_loss", "xbm_loss", "memory_fill"):
         single = mirrored[f"single/history/{key}"]
         np.testing.assert_allclose(
-            mirrored[f"mirrored/history/{key}"], single, rtol=1e-5, atol=1e-6
+            mirrored[f"mirrored/history/{key}"], single, rtol=gap, atol=gap
         )
     assert mirrored["single/history/xbm_loss"][0] > 0
     np.testing.assert_allclose(
-        mirrored["mirrored/weights"], mirrored["single/weights"], rtol=1e-5, atol=1e-5
+        mirrored["mirrored/weights"], mirrored["single/weights"], rtol=gap, atol=gap
     )
     assert int(mirrored["mirrored/iterations"]) == EPOCHS * ROWS // BATCH
     # Training moved the weights: this is not a comparison of two initialisations.
@@ -279,9 +296,9 @@ def test_losses_and_weights_match_one_device(mirrored):
 
 
 @pytest.mark.slow
-def test_evaluation_with_uneven_last_batch_matches_one_device(mirrored):
+def test_evaluation_with_uneven_last_batch_matches_one_device(mirrored, float32_gap):
     assert float(mirrored["eval/mirrored"]) == pytest.approx(
-        float(mirrored["eval/single"]), rel=1e-5
+        float(mirrored["eval/single"]), rel=_replica_gap(float32_gap)
     )
 
 

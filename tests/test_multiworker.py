@@ -133,7 +133,9 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_memory_equal_to_one_device(tmp_path, run_processes):
+def test_two_workers_share_one_memory_equal_to_one_device(
+    tmp_path, run_processes, float32_gap
+):
     run_processes(__file__, [tmp_path], tmp_path, 2, "worker", TIMEOUT)
     workers = []
     for index in range(2):
@@ -154,15 +156,23 @@ def test_two_workers_share_one_memory_equal_to_one_device(tmp_path, run_processe
     want = _state(single)
     assert int(want["memory/count"]) == MEMORY
     assert int(want["memory/pointer"]) == (EPOCHS * STEPS - WARMUP) * BATCH % MEMORY
+    # A worker's replica of 4 rows runs other kernels than one device with 8
+    # (oneDNN picks them by batch shape), which round in another order. The
+    # sums on the way: fan-ins 12 and 16, the L2 norm and the similarities over
+    # 6, each query's 8 + 28 keys and the mean over 8 rows; backward, the 6- and
+    # 16-wide products and the weight gradients over 8 rows: 114 terms. Twelve
+    # steps of SGD (lr 0.05, momentum 0.9) carry the gradients' error into the
+    # weights (conftest's float32_gap): 9.5e-5.
+    gap = float32_gap(114, lr=0.05, steps=EPOCHS * STEPS, momentum=0.9)
     for key, value in want.items():
-        np.testing.assert_allclose(first[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(first[key], value, rtol=gap, atol=gap, err_msg=key)
     for key in ("loss", "batch_loss", "xbm_loss", "memory_fill"):
         np.testing.assert_allclose(
-            first[f"history/{key}"], history[key], rtol=1e-5, err_msg=key
+            first[f"history/{key}"], history[key], rtol=gap, atol=gap, err_msg=key
         )
     assert history["xbm_loss"][-1] > 0
     evaluation = single.evaluate(_eval_data(), verbose=0, return_dict=True)["loss"]
-    assert float(first["eval"]) == pytest.approx(evaluation, rel=1e-5)
+    assert float(first["eval"]) == pytest.approx(evaluation, rel=gap)
 
     # Each worker backed up to its own path; the chief's backup holds the memory.
     assert str(first["backup_dir"]) == str(tmp_path / "backup")

@@ -8,6 +8,10 @@ The SavedModel's `serving_default` signature (also named `serve`) takes one
 input, `images`: a batch `(None, height, width, channels)` of float32 pixel values
 in `[0, 255]` (or uint8, see `input_dtype`), and returns a dict with one key,
 `"embeddings"`: float32 `(None, embedding_dim)`, L2-normalised by the model.
+The graph itself checks the batch, so every client (TensorFlow Serving,
+`saved_model_cli`) gets the checks: a float32 image with a NaN or infinite
+pixel is an `InvalidArgumentError` naming its row, and an empty batch returns
+`(0, embedding_dim)` embeddings without running the network.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ __all__ = [
     "INPUT_KEY",
     "OUTPUT_KEY",
     "check_export_dir",
+    "check_finite_rows",
+    "embed_batch",
     "export_embedding_model",
     "load_exported_embedder",
     "write_atomically",
@@ -104,10 +110,15 @@ def export_embedding_model(
             f"input_shape must be (height, width, channels), got {input_shape}."
         )
     check_export_dir(export_dir, overwrite)
+    dim = _output_dim(embedding_model, input_shape)
 
     def serve(images):
-        embeddings = embedding_model(_to_float32(images), training=False)
-        return {OUTPUT_KEY: _to_float32(embeddings)}
+        if input_dtype == "float32":
+            images = check_finite_rows(images, f"`{INPUT_KEY}`")
+        embeddings = embed_batch(
+            lambda x: embedding_model(_to_float32(x), training=False), images, dim
+        )
+        return {OUTPUT_KEY: embeddings}
 
     archive = keras.export.ExportArchive()
     archive.track(embedding_model)
@@ -208,6 +219,86 @@ def write_atomically(
 
 def _to_float32(x):
     return keras.ops.cast(x, "float32")
+
+
+def _output_dim(model: keras.Model, input_shape: tuple) -> int | None:
+    """The embedding width of `model` for images of `input_shape`, if known."""
+    outputs = getattr(model, "outputs", None)
+    if outputs:
+        return outputs[0].shape[-1]
+    spec = model.compute_output_spec(keras.KerasTensor((1, *input_shape)))
+    return spec.shape[-1]
+
+
+def embed_batch(embed: Callable, images, dim: int | None) -> tf.Tensor:
+    """`embed(images)` as float32, or `(0, dim)` zeros for an empty batch.
+
+    The network does not run on an empty batch: some kernels fail on one (oneDNN's
+    batch normalization on AVX-512 CPUs raises "Incompatible shapes"). Works in
+    a graph (a `tf.cond` on the batch size) and eagerly.
+
+    Args:
+        embed: maps a non-empty `(B, ...)` batch to `(B, dim)` embeddings.
+        images: the batch, first axis B (possibly 0).
+        dim: the embedding width; `None` runs `embed` on every batch.
+
+    Returns:
+        float32 `(B, dim)` embeddings.
+
+    Example:
+        >>> embed_batch(model, np.zeros((0, 28, 28, 1), "float32"), 8).shape
+        TensorShape([0, 8])
+    """
+    if dim is None:
+        return tf.cast(embed(images), tf.float32)
+    images = tf.convert_to_tensor(images)
+    return tf.cond(
+        tf.shape(images)[0] > 0,
+        lambda: tf.ensure_shape(tf.cast(embed(images), tf.float32), [None, dim]),
+        lambda: tf.zeros([0, dim], tf.float32),
+    )
+
+
+def check_finite_rows(x, name: str, nonzero: bool = False) -> tf.Tensor:
+    """`x` after an in-graph check that each of its rows is finite (and non-zero).
+
+    Runs inside a SavedModel's graph, so every client of the export gets it.
+
+    Args:
+        x: a float tensor whose first axis is the batch.
+        name: what the rows are, for the error message (e.g. "`images`").
+        nonzero: also refuse a row of zeros (a query with no direction).
+
+    Returns:
+        `x`, once the check passed.
+
+    Raises:
+        tf.errors.InvalidArgumentError: naming `name` and the first bad row,
+            e.g. "`embeddings` row 3 (of 5) has a NaN or infinite value".
+
+    Example:
+        >>> check_finite_rows(tf.constant([[1.0], [np.nan]]), "`embeddings`")
+        InvalidArgumentError: ... `embeddings` row 1 (of 2) has a NaN or ...
+    """
+    x = tf.convert_to_tensor(x)
+    axes = tf.range(1, tf.rank(x))  # (A reshape to (B, -1) fails on B = 0.)
+    checks = [
+        (tf.reduce_all(tf.math.is_finite(x), axes), "has a NaN or infinite value")
+    ]
+    if nonzero:
+        checks.append(
+            (tf.reduce_any(tf.not_equal(x, 0), axes), "is all zeros (no direction)")
+        )
+    asserts = []
+    for good, problem in checks:
+        # The first False; the appended one keeps argmin defined on B = 0.
+        first = tf.argmin(tf.concat([tf.cast(good, tf.int32), [0]], 0))
+        message = tf.strings.format(
+            f"{name} row {{}} (of {{}}) {problem}.", (first, tf.size(good))
+        )
+        asserts.append(tf.debugging.Assert(tf.reduce_all(good), [message]))
+    with tf.control_dependencies(asserts):
+        return tf.identity(x)
 
 
 def load_exported_embedder(

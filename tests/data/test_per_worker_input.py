@@ -208,20 +208,26 @@ def _check_replica_rows(results, replicas):
     return batches
 
 
-def _check_training(result):
+def _check_training(result, float32_gap):
     single = _build()
     want = _fit(single, _dataset())
     assert int(want["memory/count"]) == MEMORY  # 5 enqueues of 8 rows wrap 20
     assert np.abs(want["memory/embeddings"]).min() > 0
+    # Replicas of 4 rows run other kernels than one device with 8 (oneDNN picks
+    # them by batch shape), so they round differently. The sums on the way:
+    # fan-ins 64 and 16, the L2 norm and the similarities over 6, each query's
+    # 8 + 20 keys and the mean over 8 rows; backward, the 6- and 16-wide
+    # products and the weight gradients over 8 rows: 158 terms in all. Six
+    # steps of SGD (lr 0.05, momentum 0.9) carry the gradients' error into the
+    # weights (conftest's float32_gap: 7.5e-5; seen: 3.5e-5 on AVX-512).
+    gap = float32_gap(158, lr=0.05, steps=EPOCHS * FIT_STEPS, momentum=0.9)
     for key, value in want.items():
-        np.testing.assert_allclose(
-            result[key], value, rtol=1e-5, atol=1e-5, err_msg=key
-        )
+        np.testing.assert_allclose(result[key], value, rtol=gap, atol=gap, err_msg=key)
 
 
 @pytest.mark.slow
 def test_two_workers_decode_each_image_of_the_global_batch_once(
-    tmp_path, run_processes
+    tmp_path, run_processes, float32_gap
 ):
     workers = _run(run_processes, tmp_path, "multiworker", 2)
     batches = _check_replica_rows(workers, replicas=2)
@@ -232,18 +238,18 @@ def test_two_workers_decode_each_image_of_the_global_batch_once(
     both = np.concatenate([w["decoded"] for w in workers])
     np.testing.assert_array_equal(np.sort(both), np.sort(batches.ravel()))
     np.testing.assert_array_equal(workers[0]["weights"], workers[1]["weights"])
-    _check_training(workers[0])
+    _check_training(workers[0], float32_gap)
 
 
 @pytest.mark.slow
 def test_mirrored_replicas_get_consecutive_rows_like_one_device(
-    tmp_path, run_processes
+    tmp_path, run_processes, float32_gap
 ):
     (result,) = _run(run_processes, tmp_path, "mirrored", 1)
     assert int(result["num_replicas"]) == 2
     batches = _check_replica_rows([result], replicas=2)
     np.testing.assert_array_equal(result["decoded"], np.sort(batches.ravel()))
-    _check_training(result)
+    _check_training(result, float32_gap)
 
 
 def test_input_context_shares_must_hold_whole_classes():

@@ -118,6 +118,26 @@ def test_embed_dataset_keeps_labels_aligned_when_shuffled():
     assert sorted(lab.tolist()) == sorted(labels.tolist())
 
 
+def test_embed_dataset_skips_empty_batches():
+    class NonEmpty(keras.layers.Layer):  # fails like oneDNN's batch norm on B=0
+        def call(self, x):
+            tf.debugging.assert_positive(tf.shape(x)[0], "empty batch")
+            return x
+
+    model = keras.Sequential([keras.Input((3,)), NonEmpty()])
+    batches = [np.ones((2, 3)), np.zeros((0, 3)), np.full((1, 3), 2.0)]
+    ds = tf.data.Dataset.from_generator(
+        lambda: ((x.astype("float32"), np.arange(len(x))) for x in batches),
+        output_signature=(
+            tf.TensorSpec((None, 3), tf.float32),
+            tf.TensorSpec((None,), tf.int64),
+        ),
+    )
+    emb, lab = embed_dataset(model, ds)
+    np.testing.assert_array_equal(emb[:, 0], [1, 1, 2])
+    assert lab.tolist() == [0, 1, 0]
+
+
 def test_tensorboard_scalars(tmp_path):
     x, y = _clustered()
     evaluation = RetrievalEvaluation((x, y), ks=(1,), log_dir=str(tmp_path))

@@ -22,6 +22,16 @@ from xbm_tf.retrieval import (
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (12, 12, 1)
 DIM = 16
+# The tiny network's sums, on one grey image: 3x3 convolutions over 1, 32 and
+# 64 channels (9, 288 and 576 terms), the rescaling and three batch norms (a
+# few roundings each), the 128-wide Dense and the L2 norm: about 1030 terms. An
+# export and `predict` (XLA, other batch sizes) run other kernels, so they are
+# within conftest's float32_gap(TINY_SUMS) = 1.2e-4 of each other.
+TINY_SUMS = 1030
+# Scores of unit vectors: the exact search's float32 dot products are within
+# DIM roundings of the exact value, the SavedModel's float64 ones rounded to
+# float32 within one, and a float32 step at |s| <= 1 is at most 2**-23.
+SCORE_GAP = (DIM + 2) * 2.0**-24
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +60,9 @@ def _clustered(n, dim, clusters, seed, noise=0.35):
 
 
 @pytest.mark.slow  # a fresh Python process that imports TensorFlow
-def test_brute_force_export_in_a_fresh_process_equals_exact_search(model, tmp_path):
+def test_brute_force_export_in_a_fresh_process_equals_exact_search(
+    model, tmp_path, float32_gap
+):
     tied, tied_queries = _tied_gallery()
     random_gallery = _clustered(500, DIM, 20, seed=1)
     random_queries = _clustered(60, DIM, 20, seed=2)
@@ -90,13 +102,15 @@ def test_brute_force_export_in_a_fresh_process_equals_exact_search(model, tmp_pa
 
     idx, scores = nearest_neighbors(random_queries, random_gallery, 5, "exact")
     np.testing.assert_array_equal(out["random_ids"], idx)
-    np.testing.assert_allclose(out["random_scores"], scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["random_scores"], scores, rtol=0, atol=SCORE_GAP)
 
     embeddings = out["served_embeddings"]
-    np.testing.assert_allclose(embeddings, model.predict(images, verbose=0), atol=1e-5)
+    gap = float32_gap(TINY_SUMS)
+    want = model.predict(images, verbose=0)
+    np.testing.assert_allclose(embeddings, want, rtol=gap, atol=gap)
     idx, scores = nearest_neighbors(embeddings, random_gallery, 5, "exact")
     np.testing.assert_array_equal(out["served_ids"], idx)
-    np.testing.assert_allclose(out["served_scores"], scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["served_scores"], scores, rtol=0, atol=SCORE_GAP)
 
 
 def test_exact_fallback_equals_exact_search(model, tmp_path, monkeypatch):
@@ -129,7 +143,7 @@ def test_brute_force_equals_exact_search_on_near_duplicates(
     out = search.search_embeddings(queries)
     idx, scores = nearest_neighbors(queries, gallery, k=7, backend="exact")
     np.testing.assert_array_equal(out["ids"], idx)
-    np.testing.assert_allclose(out["scores"], scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["scores"], scores, rtol=0, atol=SCORE_GAP)
     # One query at a time gives the same lists as the batch.
     for i in range(0, 60, 7):
         single = search.search_embeddings(queries[i : i + 1])
@@ -199,14 +213,70 @@ def test_default_ids_are_row_numbers_and_images_are_embedded(model, tmp_path):
     assert searcher(images[:0])["ids"].shape == (0, 4)
 
 
-def test_embed_gallery_from_dataset_keeps_labels_and_thumbnails(model):
+@pytest.mark.parametrize("index", ["brute_force", "tree_ah"])
+def test_bad_queries_are_refused_inside_the_saved_model(model, tmp_path, index):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+    images = rng.uniform(0, 255, (60, *SHAPE)).astype("float32")
+    ids = [f"img_{i}.png" for i in range(60)]
+    path = export_retrieval_model(model, images, tmp_path / "r", 4, ids, index)
+    searcher = load_retrieval_model(path)  # a fresh load of the export
+    signatures = searcher.saved_model.signatures  # what any client calls
+    assert searcher.index_info() == {"k": 4, "index": index, "num_items": 60}
+    info = signatures["index_info"]()
+    assert (int(info["k"]), int(info["num_items"])) == (4, 60)
+
+    good = searcher(images[:3])["embeddings"]
+    nan_image = images[:3].copy()
+    nan_image[1] = np.nan  # an image full of NaN
+    inf_pixel = images[:3].copy()
+    inf_pixel[2, 5, 7, 0] = np.inf
+    nan_row = np.full((1, DIM), np.nan, np.float32)
+    two_rows = np.stack([good[0], nan_row[0]])
+    zero_row = np.concatenate([good, np.zeros((1, DIM), np.float32)])
+    inf_row = good.copy()
+    inf_row[0, 3] = -np.inf
+    refused = [
+        ("serving_default", "images", nan_image, r"`images` row 1 \(of 3\) has a NaN"),
+        ("serving_default", "images", inf_pixel, r"`images` row 2 \(of 3\) has a NaN"),
+        ("search_embeddings", "embeddings", nan_row, r"`embeddings` row 0 \(of 1\)"),
+        ("search_embeddings", "embeddings", two_rows, r"`embeddings` row 1 \(of 2\)"),
+        ("search_embeddings", "embeddings", zero_row, r"row 3 \(of 4\) is all zeros"),
+        ("search_embeddings", "embeddings", inf_row, r"`embeddings` row 0 \(of 3\)"),
+    ]
+    for name, key, value, message in refused:
+        call = searcher if name == "serving_default" else searcher.search_embeddings
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            call(value)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            signatures[name](**{key: tf.constant(value)})
+
+    # An empty batch gives empty outputs of the right shapes and types.
+    out = searcher(images[:0])
+    assert out["ids"].shape == out["scores"].shape == (0, 4)
+    assert out["embeddings"].shape == (0, DIM) and out["ids"].dtype == object
+    out = signatures["search_embeddings"](embeddings=tf.zeros((0, DIM)))
+    assert out["ids"].shape == (0, 4) and out["ids"].dtype == tf.string
+    # Each query row gives one output row, the same as searched alone.
+    queries = np.concatenate([good, -good[:2], good[:1] * 1e-3])
+    out = searcher.search_embeddings(queries)
+    assert out["ids"].shape == out["scores"].shape == (6, 4)
+    for i, query in enumerate(queries):
+        alone = searcher.search_embeddings(query[None])
+        assert alone["ids"].tolist() == out["ids"][i : i + 1].tolist()
+
+
+def test_embed_gallery_from_dataset_keeps_labels_and_thumbnails(model, float32_gap):
     import tensorflow as tf
 
     images = np.random.default_rng(8).uniform(0, 255, (10, *SHAPE)).astype("float32")
     labels = np.arange(10) % 3
     ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
     emb, got_labels, thumbs = embed_gallery(model, ds, thumbnail_size=6)
-    np.testing.assert_allclose(emb, model.predict(images, verbose=0), atol=1e-5)
+    gap = float32_gap(TINY_SUMS)
+    want = model.predict(images, verbose=0)
+    np.testing.assert_allclose(emb, want, rtol=gap, atol=gap)
     assert got_labels.tolist() == labels.tolist()
     assert thumbs.shape == (10, 6, 6, 1) and thumbs.dtype == np.uint8
     emb, got_labels, _ = embed_gallery(model, ds.map(lambda x, y: x))

@@ -88,6 +88,8 @@ def embed_dataset(model, data, batch_size: int = 256) -> tuple[np.ndarray, np.nd
                 )
             images, batch_labels = batch[0], batch[1]
             num = int(tf.shape(images)[0])
+            if num == 0:  # Some kernels fail on an empty batch (oneDNN's batch
+                continue  # norm on AVX-512): it has nothing to embed anyway.
             embeddings.append(_check_embeddings(model.predict_on_batch(images), num))
             labels.append(_flat_labels(batch_labels))
         if not embeddings:

@@ -8,6 +8,14 @@ and the gallery ids. Its signatures:
   `ids (B, k)` (string or int64), `scores (B, k)` float32 dot products and
   `embeddings (B, D)`.
 * `search_embeddings`: `embeddings` float32 `(B, D)` -> `ids`, `scores`.
+* `index_info`: no input -> `k`, `index` and `num_items`.
+
+The graph checks its input, so every client (TensorFlow Serving,
+`saved_model_cli`, `load_retrieval_model`) gets the checks: an image with a NaN
+or infinite pixel, and a query embedding (given, or computed from an image)
+that is not finite or is all zeros, are an `InvalidArgumentError` naming the
+input and its first bad row. An empty batch returns outputs with 0 rows, without
+running the network or the index; otherwise each query row gives one output row.
 
 Results are ordered by decreasing score, equal scores by increasing gallery
 row, with the scores computed in float64: the canonical order of
@@ -127,11 +135,14 @@ class _Network:
             )
 
     def __call__(self, images):
-        """float32 images in [0, 255] -> float32 embeddings (graph or eager)."""
+        """float32 images in [0, 255] -> float32 embeddings (graph or eager).
+
+        An empty batch gives `(0, dim)` embeddings without running the network.
+        """
         images = tf.convert_to_tensor(images, tf.float32)
         if self.input_dtype != tf.float32:
             images = tf.cast(tf.round(tf.clip_by_value(images, 0, 255)), tf.uint8)
-        return tf.cast(self._fn(images), tf.float32)
+        return export_lib.embed_batch(self._fn, images, self.dim)
 
 
 class _Embedder:
@@ -364,20 +375,23 @@ def _make_search(state, ids, k, gallery, exact):
     band_per_norm = inputs.score_band_per_norm(dim, g_sq_max)
     scann_ops = _scann_ops()
     candidates = min(num_items, k + _TIE_MARGIN) if exact else k
+    blank = tf.constant("" if ids.dtype == tf.string else -1, ids.dtype)  # free slot
 
     def exact64(queries, vectors):
         """Float64 dot products of `(B, D)` queries with `(B, c, D)` vectors."""
         products = tf.cast(vectors, tf.float64) * tf.cast(queries, tf.float64)[:, None]
         return tf.reduce_sum(products, axis=-1)
 
-    def search(queries):
-        queries = tf.ensure_shape(tf.cast(queries, tf.float32), [None, dim])
+    def search_some(queries):
+        """The search of a batch of finite, non-zero queries."""
         searcher = scann_ops.searcher_from_module(state)
         rows, scores = searcher.search_batched_parallel(
             queries, final_num_neighbors=candidates
         )
-        rows = tf.reshape(tf.cast(rows, tf.int32), [-1, candidates])
-        scores = tf.reshape(scores, [-1, candidates])
+        # One row per query, or an error: never a silently shorter batch.
+        shape = [tf.shape(queries)[0], candidates]
+        rows = tf.reshape(tf.cast(rows, tf.int32), shape)
+        scores = tf.reshape(scores, shape)
         missing = tf.math.is_nan(scores)  # tree_ah found too few items
         rows = tf.where(missing, tf.int32.max, rows)
         scores = tf.where(missing, -np.inf, scores)
@@ -428,9 +442,19 @@ def _make_search(state, ids, k, gallery, exact):
             )
         found = top_rows < num_items
         safe = tf.where(found, top_rows, 0)
-        blank = tf.constant("" if ids.dtype == tf.string else -1, ids.dtype)
         out_ids = tf.where(found, tf.gather(ids, safe), blank)
         return {"ids": out_ids, "scores": top_scores}
+
+    def search(queries, name="`embeddings`"):
+        """Checks the queries in the graph, then searches: ids and scores `(B, k)`.
+
+        A NaN, infinite or all-zero query row is an InvalidArgumentError naming
+        `name` and the row; an empty batch returns `(0, k)` outputs.
+        """
+        queries = tf.ensure_shape(tf.cast(queries, tf.float32), [None, dim])
+        queries = export_lib.check_finite_rows(queries, name, nonzero=True)
+        # ScaNN and the ops after it take an empty batch (a test feeds one).
+        return search_some(queries)
 
     return search
 
@@ -521,8 +545,10 @@ def export_retrieval_model(
     search = _make_search(state, id_table, k, embeddings, index == "brute_force")
 
     def serve(images):
+        images = export_lib.check_finite_rows(images, "`images`")
         embedded = network(images)
-        return {**search(embedded), "embeddings": embedded}
+        found = search(embedded, name="The embedding of `images`")
+        return {**found, "embeddings": embedded}
 
     def info():
         return {
@@ -538,7 +564,7 @@ def export_retrieval_model(
     archive.add_endpoint("serving_default", serve, input_signature=[image_spec])
     archive.add_endpoint(
         "search_embeddings",
-        search,
+        lambda embeddings: search(embeddings),
         input_signature=[tf.TensorSpec((None, dim), tf.float32, "embeddings")],
     )
     archive.add_endpoint("index_info", info, input_signature=[])
@@ -551,9 +577,13 @@ def export_retrieval_model(
 class RetrievalModel:
     """A loaded retrieval SavedModel: images (or embeddings) -> top-k gallery ids.
 
-    Calling it with images `(B, H, W, C)` in [0, 255] returns numpy arrays
-    `{"ids": (B, k), "scores": (B, k), "embeddings": (B, D)}`; string ids come
-    back as a `str` object array, integer ids as int64.
+    One method per signature of the export: calling it with images
+    `(B, H, W, C)` in [0, 255] (`serving_default`) returns numpy arrays
+    `{"ids": (B, k), "scores": (B, k), "embeddings": (B, D)}`;
+    `search_embeddings(embeddings)` returns ids and scores; `index_info()`
+    returns `{"k", "index", "num_items"}`. String ids come back as a `str`
+    object array, integer ids as int64. Bad rows raise
+    `tf.errors.InvalidArgumentError` (see the module docstring).
 
     Attributes:
         k: neighbours per query.
@@ -569,10 +599,8 @@ class RetrievalModel:
         self.path = path
         self._serve = loaded.signatures["serving_default"]
         self._search = loaded.signatures["search_embeddings"]
-        info = {key: v.numpy() for key, v in loaded.signatures["index_info"]().items()}
-        self.k = int(info["k"])
-        self.index = info["index"].decode()
-        self.num_items = int(info["num_items"])
+        info = self.index_info()
+        self.k, self.index, self.num_items = info["k"], info["index"], info["num_items"]
         self.input_shape = tuple(
             self._serve.structured_input_signature[1]["images"].shape[1:]
         )
@@ -606,6 +634,15 @@ class RetrievalModel:
                 f"retrieval model at {self.path}, which expects (batch, {self.dim})."
             )
         return self._numpy(self._search(embeddings=embeddings))
+
+    def index_info(self) -> dict:
+        """The `index_info` signature: `{"k": int, "index": str, "num_items": int}`."""
+        info = self.saved_model.signatures["index_info"]()
+        return {
+            "k": int(info["k"]),
+            "index": info["index"].numpy().decode(),
+            "num_items": int(info["num_items"]),
+        }
 
 
 def load_retrieval_model(path: str | os.PathLike) -> RetrievalModel:
@@ -647,5 +684,5 @@ def load_retrieval_model(path: str | os.PathLike) -> RetrievalModel:
             f"{sorted(loaded.signatures)}, expected {sorted(expected)}."
         )
     model = RetrievalModel(loaded, path)
-    model.search_embeddings(np.zeros((1, model.dim), np.float32))  # Warm-up.
+    model.search_embeddings(np.ones((1, model.dim), np.float32))  # Warm-up.
     return model
