@@ -166,6 +166,7 @@ def embed_gallery(
     batch_size: int = 256,
     verbose: int = 0,
     thumbnail_size: int | None = None,
+    num_images: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Embeds gallery images with a Keras model or an embedding export.
 
@@ -179,6 +180,8 @@ def embed_gallery(
         verbose: 1 shows a progress bar (images embedded).
         thumbnail_size: if set, also returns every image resized to this side
             (uint8), e.g. for a TensorBoard Projector sprite.
+        num_images: the number of images a dataset yields: the progress bar's
+            total (a dataset's size is not known before it is read).
 
     Returns:
         `(embeddings, labels, thumbnails)`: float32 `(N, D)`; the labels `(N,)`
@@ -195,7 +198,7 @@ def embed_gallery(
     has_labels = True
     if isinstance(images, tf.data.Dataset):
         spec = images.element_spec
-        total = None
+        total = num_images
         if not isinstance(spec, (tuple, list)):
             has_labels = False
             images = images.map(lambda x: (x, tf.zeros(tf.shape(x)[:1], tf.int64)))
