@@ -378,8 +378,16 @@ def _make_search(state, ids, k, gallery, exact):
         rows, scores = searcher.search_batched_parallel(
             queries, final_num_neighbors=candidates
         )
-        rows = tf.reshape(tf.cast(rows, tf.int32), [-1, candidates])
-        scores = tf.reshape(scores, [-1, candidates])
+        # ScaNN returns as many columns as the query of the batch that found the
+        # most items (fewer than `candidates` when tree_ah's searched leaves hold
+        # fewer for every query), padding the others with NaN: pad to width.
+        batch = tf.shape(queries)[0]
+        rows = tf.reshape(tf.cast(rows, tf.int32), [batch, -1])
+        scores = tf.reshape(scores, [batch, -1])
+        short = [[0, 0], [0, candidates - tf.shape(rows)[1]]]
+        rows = tf.ensure_shape(tf.pad(rows, short), [None, candidates])
+        scores = tf.pad(scores, short, constant_values=np.nan)
+        scores = tf.ensure_shape(scores, [None, candidates])
         missing = tf.math.is_nan(scores)  # tree_ah found too few items
         rows = tf.where(missing, tf.int32.max, rows)
         scores = tf.where(missing, -np.inf, scores)
