@@ -6,6 +6,7 @@ flags here; the library (xbm_tf/) never reads flags.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,10 @@ MAX_PER_CLASS = flags.DEFINE_integer(
 )
 WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing export in --workdir/export."
+    "overwrite",
+    False,
+    "Replace an existing output: train.py's --workdir/export, index.py's "
+    "--output, a file at search.py's --grid that search.py did not write.",
 )
 # Input.
 RESIZE = flags.DEFINE_integer("resize_size", 256, "Resize before cropping.")
@@ -324,12 +328,51 @@ def vehicleid_test_sizes() -> list[str]:
     return [VEHICLEID_TEST_SIZE.value]
 
 
-def load_splits(vehicleid_test_size: str | None = None) -> data.RetrievalSplits:
-    """Loads (indexes) the dataset and checks that the largest K fits it.
+EVALUATION_SPLITS = ("test", "query", "gallery")
+
+
+def screen(image_set: data.ImageSet) -> data.ImageSet:
+    """`image_set` without its corrupt image files, which are reported.
+
+    Checked with `data.drop_corrupt_images` (cheap: two small reads per file);
+    the count and the first five skipped files are printed. Call it before any
+    long work starts. In-memory images are never corrupt.
+    """
+    if image_set.kind == "array":
+        return image_set
+    kept, skipped = data.drop_corrupt_images(image_set)
+    if skipped:
+        first = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:5])
+        print(
+            f"Skipping {len(skipped)} corrupt images of {image_set.name} ({first})",
+            flush=True,
+        )
+    return kept
+
+
+def screen_splits(splits: data.RetrievalSplits, names) -> data.RetrievalSplits:
+    """`splits` with the splits `names` screened (`screen`); others unchanged.
+
+    Names of splits the dataset lacks (`test` of In-Shop) are passed over.
+    """
+    clean = {
+        name: screen(getattr(splits, name))
+        for name in names
+        if getattr(splits, name) is not None
+    }
+    return dataclasses.replace(splits, **clean) if clean else splits
+
+
+def load_splits(
+    vehicleid_test_size: str | None = None, screen=EVALUATION_SPLITS
+) -> data.RetrievalSplits:
+    """Loads (indexes) the dataset, screens it and checks that the largest K fits.
 
     Args:
         vehicleid_test_size: for --dataset=vehicleid, this test size instead of
             --vehicleid_test_size.
+        screen: the splits whose corrupt images are skipped and reported (see
+            `screen_splits`): every split the caller reads.
     """
     if TFDS.value:
         splits = data.load_tfds(TFDS_NAMES[DATASET.value], data_dir=DATA_DIR.value)
@@ -337,6 +380,7 @@ def load_splits(vehicleid_test_size: str | None = None) -> data.RetrievalSplits:
         splits = data.load_vehicleid(DATA_DIR.value, test_size=vehicleid_test_size)
     else:
         splits = LOADERS[DATASET.value](DATA_DIR.value, MAX_PER_CLASS.value)
+    splits = screen_splits(splits, screen)
     gallery = splits.test if splits.test is not None else splits.gallery
     largest = max(recall_ks())
     gallery_size = len(gallery) - (1 if splits.test is not None else 0)

@@ -140,9 +140,9 @@ def gallery_set() -> tuple[data.ImageSet, dict]:
     }
     if _IMAGES.value is not None:
         paths = list_images(_IMAGES.value)
-        images = data.ImageSet(paths, [0] * len(paths), _IMAGES.value)
+        images = common.screen(data.ImageSet(paths, [0] * len(paths), _IMAGES.value))
         return images, {"images": os.path.abspath(_IMAGES.value), **transform}
-    splits = common.load_splits()
+    splits = common.load_splits(screen=[_SPLIT.value])  # corrupt images skipped
     source = {
         "dataset": common.DATASET.value,
         "data_dir": common.DATA_DIR.value and os.path.abspath(common.DATA_DIR.value),
@@ -177,6 +177,7 @@ def run() -> str:
         common.make_eval_dataset(images),
         verbose=1,
         thumbnail_size=thumbnail,
+        num_images=len(images),
     )
     ids = images.images if images.kind == "paths" else None
     metadata = {"id": ids if ids is not None else range(len(images))}

@@ -6,8 +6,9 @@ r"""Trains an embedding model with Cross-Batch Memory.
 Everything is written to --workdir: TensorBoard logs, a CSV log, the last model
 (checkpoints/last.keras), a backup that lets a killed run resume where it stopped
 (memory included: run the same command again), the Recall@K before and after
-training (recall.json, recall_curve.png, retrieval_grid.png), and the SavedModel
-of the embedding network in workdir/export. With --drift_every_steps, the feature
+training (retrieval.json, recall_curve.png, retrieval_grid_before.png and
+retrieval_grid_after.png), timing.json, and the SavedModel of the embedding
+network in workdir/export. With --drift_every_steps, the feature
 drift of a fixed probe set of training images (drift@dt in log.csv and TensorBoard,
 feature_drift.png).
 """
@@ -101,7 +102,6 @@ def check_train_flags() -> None:
 def make_train_dataset(splits: data.RetrievalSplits, strategy=None):
     """The infinite P x K training stream, after checking P against the classes.
 
-    Corrupt image files are skipped, counted and reported before training.
     Returns `dataset(start_step=0)`: the stream from that step, a function of
     (--seed, step); under a strategy, distributed so that each worker decodes
     only its own replicas' rows of every global batch.
@@ -112,11 +112,6 @@ def make_train_dataset(splits: data.RetrievalSplits, strategy=None):
             f"only {splits.num_train_classes} classes"
         )
     train_set = splits.train
-    if train_set.kind != "array":
-        train_set, skipped = data.drop_corrupt_images(train_set)
-        if skipped:
-            first = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:5])
-            print(f"Skipping {len(skipped)} corrupt training images ({first})")
 
     def local(start_step=0, input_context=None):
         return data.train_dataset(
@@ -218,15 +213,19 @@ def make_drift(splits: data.RetrievalSplits, model, workdir: str):
 
 
 def make_callbacks(
-    evaluation: RetrievalEvaluation, workdir: str, drift: FeatureDrift | None = None
+    evaluation: RetrievalEvaluation,
+    workdir: str,
+    drift: FeatureDrift | None = None,
+    steps_per_epoch: int | None = None,
 ) -> list:
     """Evaluation and drift first, so TensorBoard, CSV log, checkpoints see them.
 
     TerminateOnNonFinite stops at the first non-finite loss, before any epoch-end
-    callback saves the bad weights.
+    callback saves the bad weights; it counts full epochs of `steps_per_epoch`,
+    so after a mid-epoch resume it names the run's true step.
     """
     return [
-        TerminateOnNonFinite(),
+        TerminateOnNonFinite(steps_per_epoch=steps_per_epoch),
         evaluation,
         *([drift] if drift is not None else []),
         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
@@ -279,7 +278,8 @@ def run(extra_callbacks=()) -> dict:
             "each replica must hold whole classes of --k images"
         )
     keras.utils.set_random_seed(common.SEED.value)
-    splits = common.load_splits()
+    # Screens every split read below (training, drift probes, evaluation).
+    splits = common.load_splits(screen=("train", *common.EVALUATION_SPLITS))
     print(splits.describe(), flush=True)
     train = make_train_dataset(splits, strategy)
     query, gallery = common.make_eval_datasets(splits)
@@ -300,7 +300,7 @@ def run(extra_callbacks=()) -> dict:
     steps_per_epoch = min(common.STEPS_PER_EPOCH.value, common.STEPS.value)
     epochs = -(-common.STEPS.value // steps_per_epoch)
     callbacks = (
-        make_callbacks(evaluation, workdir, drift)
+        make_callbacks(evaluation, workdir, drift, steps_per_epoch)
         + list(extra_callbacks)
         + [FitTimer(os.path.join(workdir, "timing.json"))]
     )

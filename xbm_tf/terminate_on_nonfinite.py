@@ -33,6 +33,11 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
     (1-based, counted over epochs), and the term that went non-finite:
     `batch_loss` or `xbm_loss` of `XBMContrastiveModel`, or else `loss`.
 
+    A run resumed mid-epoch (`xbm_tf.fit_segments`) first calls `fit` with the
+    epoch's remaining steps only; give `steps_per_epoch` (the full epoch) and
+    such a shorter epoch counts as the end of a full one, so the message names
+    the run's true step, not the step within the shorter `fit`.
+
     The logged values are running means over the epoch, so one non-finite step
     makes them non-finite from that step on: the first step seen non-finite is
     the first bad step (with `steps_per_execution=N`, within the last N steps).
@@ -45,6 +50,8 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
 
     Args:
         check_weights: also stop when a trainable weight is not finite.
+        steps_per_epoch: the steps of a full epoch of the run, when `fit` may run
+            shorter epochs that finish a resumed one; default: `fit`'s own.
 
     Example:
     ```python
@@ -53,9 +60,12 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, check_weights: bool = True):
+    def __init__(self, check_weights: bool = True, steps_per_epoch: int | None = None):
         super().__init__()
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
         self.check_weights = check_weights
+        self.steps_per_epoch = steps_per_epoch
         self._epoch = 0
         self._weights_finite = None
 
@@ -64,6 +74,12 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._weights_finite = None  # the model's variables may have changed
+        steps = (self.params or {}).get("steps")
+        if steps and self.steps_per_epoch and steps > self.steps_per_epoch:
+            raise ValueError(
+                f"fit runs {steps} steps per epoch, more than the steps_per_epoch="
+                f"{self.steps_per_epoch} given to TerminateOnNonFinite."
+            )
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -97,10 +113,13 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
     def _stop(self, what: str, batch: int):
         steps = (self.params or {}).get("steps")
         if steps:
-            step = self._epoch * steps + batch + 1
+            full = self.steps_per_epoch or steps
+            # A shorter fit finishes its epoch: its first step is step full - steps.
+            in_epoch = full - steps + batch + 1
+            step = self._epoch * full + in_epoch
             where = (
                 f"at training step {step} (epoch {self._epoch + 1}, step "
-                f"{batch + 1} of {steps})"
+                f"{in_epoch} of {full})"
             )
         else:
             where = f"at epoch {self._epoch + 1}, step {batch + 1}"

@@ -104,6 +104,37 @@ def test_wrapper_reductions_and_sample_weight():
 # --- Hyper-parameters: one name, one default, read-only ---------------------------
 
 
+# The README's table of defaults, as literals: the functions define them, the
+# classes (constructor, hyper_parameters, get_config) must show the same values.
+DOCUMENTED_DEFAULTS = {
+    "contrastive": {"neg_margin": 0.5},
+    "triplet": {"margin": 0.1, "mining": "semihard"},
+    "multi_similarity": {"alpha": 2.0, "beta": 40.0, "threshold": 0.5, "epsilon": 0.1},
+}
+
+
+@pytest.mark.parametrize(
+    "cls, fn, name",
+    [
+        (ContrastiveLoss, contrastive_loss, "contrastive"),
+        (TripletLoss, triplet_loss, "triplet"),
+        (MultiSimilarityLoss, multi_similarity_loss, "multi_similarity"),
+    ],
+)
+def test_class_and_function_defaults_are_the_documented_values(cls, fn, name):
+    want = DOCUMENTED_DEFAULTS[name]
+    assert hyper_parameters(fn) == want
+    signature = {
+        name: p.default
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    assert signature == want
+    assert cls().hyper_parameters == want
+    config = cls().get_config()
+    assert {k: config[k] for k in want} == want
+
+
 @pytest.mark.parametrize(
     "cls, fn",
     [
@@ -112,17 +143,18 @@ def test_wrapper_reductions_and_sample_weight():
         (MultiSimilarityLoss, multi_similarity_loss),
     ],
 )
-def test_class_defaults_are_the_functions_defaults(cls, fn):
-    defaults = hyper_parameters(fn)
-    signature = {
-        name: p.default
-        for name, p in inspect.signature(cls).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    assert signature == defaults
-    assert cls().hyper_parameters == defaults
-    config = cls().get_config()
-    assert {k: config[k] for k in defaults} == defaults
+def test_class_default_computes_the_function_default(cls, fn):
+    # Behaviour, not just values: the default class gives the default function's
+    # per-query losses, which differ from those of other hyper-parameters.
+    e = _embeddings(n=8, d=4, seed=5)
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    index = np.arange(8)
+    want = np.asarray(fn(e, labels, e, labels, query_key_index=index))
+    got = cls()(labels, e)
+    np.testing.assert_allclose(float(got), float(np.mean(want)), rtol=1e-6)
+    other = {k: v * 0.5 for k, v in hyper_parameters(fn).items() if k != "mining"}
+    moved = np.asarray(fn(e, labels, e, labels, query_key_index=index, **other))
+    assert not np.allclose(moved, want)
 
 
 def test_distinct_hyper_parameter_names():

@@ -158,24 +158,60 @@ def test_exact_engines_identical_recall_on_exact_ties():
         assert "approximate" not in got
 
 
-def test_scann_ah_is_close_to_exact_and_labelled_approximate(clustered):
-    x, y = clustered(3000, 60, 32, noise=0.6, seed=1)
-    exact, _ = retrieval.nearest_neighbors(x, k=10, backend="exact")
+def _separated_clusters(num_clusters, size, dim, seed):
+    """`num_clusters` tight clusters of `size` unit rows, far from each other,
+    and labels that split each cluster into two classes at random.
+
+    Within a cluster every cosine similarity is above 0.98, between clusters
+    below 0.7 (random centres in 32-d). With fewer clusters than ScaNN's leaves
+    (sqrt(N)) and clusters smaller than its re-ordered candidates (at least
+    100), whatever partition ScaNN's k-means draws in a process, each query's
+    searched leaves hold its whole cluster, whose items are then all re-scored
+    exactly. So the approximate lists equal the exact ones in every process,
+    and the metrics are not trivial: the classes interleave within a cluster.
+    """
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((num_clusters, dim))
+    cluster = np.repeat(np.arange(num_clusters), size)
+    x = centers[cluster] + 0.05 * rng.standard_normal((len(cluster), dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = 2 * cluster + rng.integers(0, 2, len(cluster))
+    order = rng.permutation(len(cluster))
+    return x[order].astype(np.float32), labels[order], cluster[order]
+
+
+def test_scann_ah_equals_exact_on_separated_clusters_and_is_labelled(clustered):
+    x, y, cluster = _separated_clusters(30, 100, 32, seed=1)
+    sims = x @ x.T
+    same = cluster[:, None] == cluster[None, :]
+    assert sims[same].min() > 0.98 and sims[~same].max() < 0.7  # unambiguous
+    exact, exact_scores = retrieval.nearest_neighbors(x, k=10, backend="exact")
     approx, scores = retrieval.nearest_neighbors(x, k=10, backend="scann_ah")
     assert approx.shape == (3000, 10) and approx.min() >= 0
     assert not np.any(approx == np.arange(3000)[:, None])  # self excluded
     assert np.all(np.diff(scores, axis=1) <= 0)
-    overlap = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
-    assert overlap >= 0.9, overlap  # recall@10 of the neighbour lists
+    np.testing.assert_array_equal(approx, exact)
+    np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=1e-6)
     got = retrieval.retrieval_metrics(x, y, ks=(1, 10), backend="scann_ah")
     want = retrieval.retrieval_metrics(x, y, ks=(1, 10))
-    assert got["approximate"] == 1.0 and "approximate" not in want
-    assert abs(got["recall@1"] - want["recall@1"]) < 0.02
-    # MAP@R reads each query's ~94 nearest neighbours, deeper than the re-ordered
-    # candidates reach reliably: ScaNN's k-means differs from process to process,
-    # and this MAP@R came out 0.015-0.038 below the exact 0.984 in fresh processes
-    # here and 0.053 below on a loaded CI run.
-    assert abs(got["map@r"] - want["map@r"]) < 0.1
+    assert got.pop("approximate") == 1.0 and "approximate" not in want
+    assert 0.3 < want["recall@1"] < 0.9 and want["map@r"] < 0.9  # not trivial
+    assert got == want
+
+
+def test_scann_ah_is_labelled_approximate_on_overlapping_clusters(clustered):
+    # Overlapping clusters: the approximate lists may differ from exact search
+    # (by ScaNN's k-means, which varies from process to process), so only the
+    # label and the list invariants are asserted here.
+    x, y = clustered(600, 12, 16, noise=0.6, seed=1)
+    approx, scores = retrieval.nearest_neighbors(x, k=10, backend="scann_ah")
+    assert approx.shape == (600, 10) and approx.min() >= 0
+    assert not np.any(approx == np.arange(600)[:, None])
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    true = np.einsum("qd,qkd->qk", x, x[approx])
+    np.testing.assert_allclose(scores, true, atol=1e-5)  # re-scored exactly
+    got = retrieval.retrieval_metrics(x, y, ks=(1, 10), backend="scann_ah")
+    assert got["approximate"] == 1.0
 
 
 def test_scann_ah_completes_short_rows_exactly(monkeypatch, clustered):

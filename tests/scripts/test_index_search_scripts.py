@@ -47,7 +47,9 @@ def _test_images(indices):
     return test.images[np.asarray(indices)]
 
 
-def test_index_split_then_search(parse, tmp_path, embedding_export, capsys):
+def test_index_split_then_search(
+    parse, tmp_path, embedding_export, capsys, monkeypatch
+):
     out = tmp_path / "retrieval"
     parse(
         f"--model={embedding_export}", "--split=test", f"--output={out}", "--search_k=5"
@@ -64,7 +66,9 @@ def test_index_split_then_search(parse, tmp_path, embedding_export, capsys):
     assert lines[1].split("\t")[0] == "0"
     assert "sprite.png" in (out / "projector" / "projector_config.pbtxt").read_text()
     assert (out / "projector" / "sprite.png").stat().st_size > 1000
-    assert "Browse it: tensorboard --logdir" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Browse it: tensorboard --logdir" in printed
+    assert "120/120" in printed and "Unknown" not in printed  # the bar's total
 
     # The export returns the exact search over the embedded test split.
     ds = data.eval_dataset(
@@ -88,18 +92,59 @@ def test_index_split_then_search(parse, tmp_path, embedding_export, capsys):
     np.testing.assert_array_equal(result["ids"], rows)
     printed = capsys.readouterr().out
     assert queries[1] in printed
-    assert f"    1  {result['scores'][1, 0]:8.4f}  {rows[1, 0]}" in printed
-    height, width, *_ = grid_layout((28, 28), 3, 4, 3, 4, 4)
-    png = tf.io.decode_png(tf.io.read_file(str(tmp_path / "grid.png")))
+    # Each result with its class name (the unseen classes: digits 5-9, animals).
+    labels = data.load_quickstart(max_per_class=12).test.labels
+    name = data.QUICKSTART_CLASS_NAMES[labels[rows[1, 0]]]
+    unseen = [f"digit {d}" for d in range(5, 10)]
+    assert name in unseen + ["elephant", "giraffe", "horse", "sheep", "zebra"]
+    assert f"    1  {result['scores'][1, 0]:8.4f}  {rows[1, 0]}  {name}\n" in printed
+    height, width, _, tile_w, origin = grid_layout((28, 28), 3, 4, 3, 4, 4)
+    png = tf.io.decode_png(tf.io.read_file(str(tmp_path / "grid.png"))).numpy()
     assert tuple(png.shape[:2]) == (height, width)
+    # The names are drawn at the foot of each result: the grid differs from one
+    # drawn without them there, and only there.
+    named = search.class_names
+    monkeypatch.setattr(search, "class_names", lambda *a: None)
+    parse(f"--retrieval={out}", f"--grid={tmp_path / 'plain.png'}", "--show=4")
+    search.run(queries)
+    plain = tf.io.decode_png(tf.io.read_file(str(tmp_path / "plain.png"))).numpy()
+    changed = np.any(png != plain, axis=-1)
+    for row in range(3):
+        for col in range(1, 5):
+            y, x = origin(row, col)
+            foot = changed[y + 84 + 8 - 17 : y + 84 + 8, x : x + tile_w]
+            assert foot.any(), (row, col)
+            changed[y + 84 + 8 - 17 : y + 84 + 8, x : x + tile_w] = False
+    assert not changed.any()
+    monkeypatch.setattr(search, "class_names", named)
 
     # Never replaced without --overwrite, checked before any embedding.
     parse(f"--model={embedding_export}", "--split=test", f"--output={out}")
     with pytest.raises(index.FlagError, match="already exists.*--overwrite"):
         index.run()
-    parse(f"--retrieval={out}", f"--grid={tmp_path / 'grid.png'}")
-    with pytest.raises(search.FlagError, match="grid.png exists.*--overwrite"):
+    # A search is a query: asked again, it replaces its own grid...
+    before = (tmp_path / "grid.png").stat().st_mtime_ns
+    parse(f"--retrieval={out}", f"--grid={tmp_path / 'grid.png'}", "--show=2")
+    again = search.run(queries[:1])
+    np.testing.assert_array_equal(again["ids"], rows[:1])
+    assert (tmp_path / "grid.png").stat().st_mtime_ns > before
+    height, width, *_ = grid_layout((28, 28), 1, 2, 3, 4, 4)
+    png = tf.io.decode_png(tf.io.read_file(str(tmp_path / "grid.png")))
+    assert tuple(png.shape[:2]) == (height, width)
+    # ... but a file it did not write only with --overwrite.
+    (tmp_path / "mine.png").write_bytes(b"a user's file")
+    parse(f"--retrieval={out}", f"--grid={tmp_path / 'mine.png'}")
+    with pytest.raises(search.FlagError, match="mine.png exists and is not a grid"):
         search.run(queries)
+    assert (tmp_path / "mine.png").read_bytes() == b"a user's file"
+    parse(f"--retrieval={out}", f"--grid={tmp_path / 'mine.png'}", "--overwrite")
+    search.run(queries)
+    assert search.written_by_search(str(tmp_path / "mine.png"))
+    # Without --grid, the grid goes inside --retrieval: a rerun replaces it.
+    parse(f"--retrieval={out}")
+    for _ in range(2):
+        search.run(queries)
+        assert search.written_by_search(str(out / "search_results.png"))
 
 
 def test_index_images_folder_ids_are_paths(
@@ -132,7 +177,7 @@ def test_index_images_folder_ids_are_paths(
     # is within the tiny network's float32_gap (about 1030 sums).
     gap = 24 * 2.0**-24 + 2.0**-23 + 16 * float32_gap(1030) ** 2 / 2
     np.testing.assert_allclose(result["scores"][:, 0], 1.0, rtol=0, atol=gap)
-    assert (tmp_path / "search_results.png").exists()
+    assert search.written_by_search(str(out / "search_results.png"))  # inside
 
 
 def test_free_slots_of_an_approximate_index_show_blank(tmp_path):

@@ -18,12 +18,6 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import train  # noqa: E402
 
 from xbm_tf import ContrastiveLoss, MultiSimilarityLoss, TripletLoss  # noqa: E402
-from xbm_tf.losses import (  # noqa: E402
-    contrastive_loss,
-    multi_similarity_loss,
-    triplet_loss,
-)
-from xbm_tf.losses.base import hyper_parameters  # noqa: E402
 from xbm_tf.terminate_on_nonfinite import (  # noqa: E402
     NonFiniteLossError,
     TerminateOnNonFinite,
@@ -32,19 +26,27 @@ from xbm_tf.terminate_on_nonfinite import (  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-def test_loss_flag_defaults_are_the_functions_defaults(parse, tmp_path):
+def test_loss_flag_defaults_are_the_documented_values(parse, tmp_path):
+    # The README's table of loss hyper-parameters, as literals: a changed default
+    # in the loss functions (which the flags read) fails here.
     parse(f"--workdir={tmp_path}")
-    assert FLAGS.triplet_margin == hyper_parameters(triplet_loss)["margin"] == 0.1
+    assert (FLAGS.contrastive_neg_margin, FLAGS.triplet_margin) == (0.5, 0.1)
     assert FLAGS.triplet_mining == "semihard"
-    ms = hyper_parameters(multi_similarity_loss)
     assert (FLAGS.ms_alpha, FLAGS.ms_beta, FLAGS.ms_threshold, FLAGS.ms_epsilon) == (
-        ms["alpha"],
-        ms["beta"],
-        ms["threshold"],
-        ms["epsilon"],
+        2.0,
+        40.0,
+        0.5,
+        0.1,
     )
-    assert (
-        FLAGS.contrastive_neg_margin == hyper_parameters(contrastive_loss)["neg_margin"]
+    # With no flagfile (the scripts' own defaults), the same values.
+    FLAGS.unparse_flags()
+    FLAGS(["train"])
+    assert (FLAGS.contrastive_neg_margin, FLAGS.triplet_margin) == (0.5, 0.1)
+    assert (FLAGS.ms_alpha, FLAGS.ms_beta, FLAGS.ms_threshold, FLAGS.ms_epsilon) == (
+        2.0,
+        40.0,
+        0.5,
+        0.1,
     )
 
 
@@ -126,6 +128,26 @@ def test_terminate_on_nonfinite_names_the_term_and_step():
         callback.on_train_batch_end(1, {"loss": np.inf, "batch_loss": 1.0})
 
 
+def test_terminate_on_nonfinite_counts_a_resumed_epoch_as_its_end():
+    # Resumed at step 4 of epochs of 3 steps: the first fit runs the last 2 steps
+    # of epoch 2 (fit_segments: steps 5 and 6), as an epoch of 2 steps.
+    callback = TerminateOnNonFinite(check_weights=False, steps_per_epoch=3)
+    callback.set_params({"steps": 2})
+    callback.on_train_begin()
+    callback.on_epoch_begin(1)
+    with pytest.raises(
+        NonFiniteLossError, match=r"at training step 6 \(epoch 2, step 3 of 3\)"
+    ):
+        callback.on_train_batch_end(1, {"loss": np.nan, "batch_loss": np.nan})
+    callback.set_params({"steps": 3})  # the next fit: whole epochs
+    callback.on_epoch_begin(2)
+    with pytest.raises(NonFiniteLossError, match=r"step 7 \(epoch 3, step 1 of 3\)"):
+        callback.on_train_batch_end(0, {"loss": np.nan, "batch_loss": np.nan})
+    callback.set_params({"steps": 4})
+    with pytest.raises(ValueError, match="fit runs 4 steps per epoch, more than"):
+        callback.on_train_begin()
+
+
 class _PoisonMemory(keras.callbacks.Callback):
     """Fills the memory with NaN after the first step of the second epoch."""
 
@@ -183,3 +205,49 @@ def _with_extra(make_callbacks, extra):
         return make_callbacks(*args, **kwargs) + [extra]
 
     return wrapped
+
+
+class _StopAfter(keras.callbacks.Callback):
+    """Interrupts the run after a given optimizer step (a killed process)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations) == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+class _PoisonAfter(keras.callbacks.Callback):
+    """Fills the memory with NaN after a given optimizer step."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations) == self.step:
+            memory = self.model.memory
+            memory.embeddings.assign(np.full(memory.embeddings.shape, np.nan))
+
+
+def test_nonfinite_loss_after_a_mid_epoch_resume_names_the_true_step(
+    parse, tmp_path, monkeypatch
+):
+    workdir = tmp_path / "run"
+    # 3 epochs of 3 steps, a backup every 2 steps; killed after step 5.
+    parse(f"--workdir={workdir}", "--steps=9", "--backup_every_steps=2")
+    with pytest.raises(KeyboardInterrupt):
+        train.run(extra_callbacks=[_StopAfter(5)])
+    assert sorted(p.name for p in (workdir / "backup").iterdir()) == ["step_000000004"]
+    # Resumed at step 4: a first fit of 2 steps (5, 6) finishes epoch 2. The
+    # memory is poisoned after step 5, so step 6's memory loss is NaN.
+    monkeypatch.setattr(
+        train, "make_callbacks", _with_extra(train.make_callbacks, _PoisonAfter(5))
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["train"])
+    message = str(exit_info.value)
+    assert "the memory loss (xbm_loss) became nan" in message
+    assert "at training step 6 (epoch 2, step 3 of 3)" in message

@@ -177,6 +177,7 @@ def embed_gallery(
     batch_size: int = 256,
     verbose: int = 0,
     thumbnail_size: int | None = None,
+    num_images: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Embeds gallery images with a Keras model or an embedding export.
 
@@ -190,6 +191,8 @@ def embed_gallery(
         verbose: 1 shows a progress bar (images embedded).
         thumbnail_size: if set, also returns every image resized to this side
             (uint8), e.g. for a TensorBoard Projector sprite.
+        num_images: the number of images a dataset yields: the progress bar's
+            total (a dataset's size is not known before it is read).
 
     Returns:
         `(embeddings, labels, thumbnails)`: float32 `(N, D)`; the labels `(N,)`
@@ -207,7 +210,7 @@ def embed_gallery(
     has_labels = True
     if isinstance(images, tf.data.Dataset):
         spec = images.element_spec
-        total = None
+        total = num_images
         if not isinstance(spec, (tuple, list)):
             has_labels = False
             images = images.map(lambda x: (x, tf.zeros(tf.shape(x)[:1], tf.int64)))
@@ -389,9 +392,18 @@ def _make_search(state, ids, k, gallery, exact):
             queries, final_num_neighbors=candidates
         )
         # One row per query, or an error: never a silently shorter batch.
-        shape = [tf.shape(queries)[0], candidates]
-        rows = tf.reshape(tf.cast(rows, tf.int32), shape)
-        scores = tf.reshape(scores, shape)
+        # ScaNN returns as many columns as the query of the batch that found the
+        # most items (fewer than `candidates` when tree_ah's searched leaves hold
+        # fewer for every query), padding the others with NaN: pad to width. The
+        # width comes from the size, so that an empty batch reshapes too.
+        batch = tf.shape(queries)[0]
+        width = tf.size(rows) // tf.maximum(batch, 1)
+        rows = tf.reshape(tf.cast(rows, tf.int32), [batch, width])
+        scores = tf.reshape(scores, [batch, width])
+        short = [[0, 0], [0, candidates - width]]
+        rows = tf.ensure_shape(tf.pad(rows, short), [None, candidates])
+        scores = tf.pad(scores, short, constant_values=np.nan)
+        scores = tf.ensure_shape(scores, [None, candidates])
         missing = tf.math.is_nan(scores)  # tree_ah found too few items
         rows = tf.where(missing, tf.int32.max, rows)
         scores = tf.where(missing, -np.inf, scores)
