@@ -36,11 +36,7 @@ from xbm_tf import (  # noqa: E402
 )
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
 from xbm_tf.backup import TrainingBackup, fit_segments  # noqa: E402
-from xbm_tf.distribute import (  # noqa: E402
-    make_strategy,
-    replica_batch_size,
-    worker_path,
-)
+from xbm_tf.distribute import replica_batch_size, worker_path  # noqa: E402
 from xbm_tf.export import export_embedding_model  # noqa: E402
 from xbm_tf.optimization import make_optimizer  # noqa: E402
 from xbm_tf.retrieval_callback import RetrievalEvaluation  # noqa: E402
@@ -52,6 +48,7 @@ def check_train_flags() -> None:
     common.require(common.WORKDIR, common.MEMORY_SIZE, common.STEPS)
     common.check_data_flags()
     common.check_loss_flags()
+    common.check_strategy_flags()
     common.check_positive(common.EMBEDDING_DIM, common.LR)
     if common.XBM_START.value < 0:
         raise FlagError(f"--xbm_start_step={common.XBM_START.value} must be >= 0")
@@ -269,7 +266,7 @@ def run(extra_callbacks=()) -> dict:
     """Trains as the flags say; returns the final metrics."""
     check_train_flags()
     # A multi-worker strategy must be made before any other TensorFlow call.
-    strategy = make_strategy(common.STRATEGY.value)
+    strategy = common.make_strategy()
     # Non-chief workers write their (required) copies beside the chief's workdir.
     workdir = worker_path(common.WORKDIR.value, strategy)
     replicas = strategy.num_replicas_in_sync
