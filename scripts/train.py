@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import common  # noqa: E402
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from common import FlagError  # noqa: E402
 
@@ -36,7 +37,11 @@ from xbm_tf import (  # noqa: E402
 )
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
 from xbm_tf.backup import TrainingBackup, fit_segments  # noqa: E402
-from xbm_tf.distribute import replica_batch_size, worker_path  # noqa: E402
+from xbm_tf.distribute import (  # noqa: E402
+    replica_batch_size,
+    synchronize_batch_norm,
+    worker_path,
+)
 from xbm_tf.export import export_embedding_model  # noqa: E402
 from xbm_tf.optimization import make_optimizer  # noqa: E402
 from xbm_tf.retrieval_callback import RetrievalEvaluation  # noqa: E402
@@ -153,6 +158,10 @@ def build_model() -> XBMContrastiveModel:
         pooling=common.POOLING.value,
         mixed_precision=None if common.MIXED.value == "none" else common.MIXED.value,
     )
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        # Each replica normalises with the global batch's statistics, as one
+        # device trained on the global batch would.
+        synchronize_batch_norm(embedder)
     losses = {
         "contrastive": lambda: ContrastiveLoss(
             neg_margin=common.CONTRASTIVE_NEG_MARGIN.value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multiworker")
@@ -311,3 +312,29 @@ def min_over_workers(value: int, strategy=None) -> int:
 
     gathered = strategy.experimental_local_results(gather())[0]
     return int(tf.reduce_min(gathered).numpy())
+
+
+def synchronize_batch_norm(model) -> int:
+    """Makes every `BatchNormalization` layer of `model` use global statistics.
+
+    A `BatchNormalization` layer in training mode normalises with the mean and
+    variance of its replica's rows only; under a strategy with several replicas
+    the forward pass (and the moving statistics) then differ from one device
+    trained on the same global batch. With `synchronized=True` (TensorFlow
+    backend) the layer all-reduces the sums over every replica's rows, so each
+    replica normalises with the global batch's statistics. Call it on the
+    embedding network before training under such a strategy.
+
+    Args:
+        model: a Keras model (nested models are searched).
+
+    Returns:
+        The number of layers changed.
+    """
+    changed = 0
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if not layer.synchronized:
+                layer.synchronized = True
+                changed += 1
+    return changed
