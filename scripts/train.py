@@ -38,6 +38,7 @@ from xbm_tf import (  # noqa: E402
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
 from xbm_tf.backup import TrainingBackup, fit_segments  # noqa: E402
 from xbm_tf.distribute import (  # noqa: E402
+    lost_workers,
     replica_batch_size,
     synchronize_batch_norm,
     worker_path,
@@ -321,16 +322,26 @@ def run(extra_callbacks=()) -> dict:
                 flush=True,
             )
     # Mid-epoch, a first fit finishes the epoch: the stream starts at the step.
-    for first, initial, end, steps in fit_segments(start, steps_per_epoch, epochs):
-        model.fit(
-            train(first),
-            initial_epoch=initial,
-            epochs=end,
-            steps_per_epoch=steps,
-            callbacks=callbacks,
-            verbose=common.verbose(),
-            shuffle=False,  # the P x K stream is shuffled by its sampler
-        )
+    try:
+        for first, initial, end, steps in fit_segments(start, steps_per_epoch, epochs):
+            model.fit(
+                train(first),
+                initial_epoch=initial,
+                epochs=end,
+                steps_per_epoch=steps,
+                callbacks=callbacks,
+                verbose=common.verbose(),
+                shuffle=False,  # the P x K stream is shuffled by its sampler
+            )
+    except tf.errors.OpError as error:
+        lost = lost_workers(error) if common.STRATEGY.value == "multiworker" else []
+        if not lost:
+            raise
+        raise SystemExit(
+            f"error: lost contact with {', '.join(lost)} (it stopped sending "
+            "heartbeats: killed, crashed or cut off). Start every worker again "
+            "with its command: the run resumes from the backups."
+        ) from None
     # The callback already embedded the test split after the last epoch, if it
     # evaluated then: reuse those embeddings rather than embed it again.
     last = evaluation.last_epoch_embeddings

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import keras
 import tensorflow as tf
@@ -338,3 +339,38 @@ def synchronize_batch_norm(model) -> int:
                 layer.synchronized = True
                 changed += 1
     return changed
+
+
+_TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+
+
+def lost_workers(error: BaseException, tf_config: str | None = None) -> list[str]:
+    """Names the workers a multi-worker collective error blames, with addresses.
+
+    When a worker dies, TensorFlow's coordination service stops hearing its
+    heartbeats (after 10 s, its default timeout) and aborts the collectives of
+    the others with an error listing the unhealthy tasks, e.g.
+    `/job:worker/replica:0/task:1`.
+
+    Args:
+        error: the exception raised by `fit` (or any collective).
+        tf_config: the cluster's `TF_CONFIG` JSON; default: the environment's.
+
+    Returns:
+        E.g. `["worker 1 (host2:12345)"]`; empty if the error names no task.
+    """
+    text = str(error)
+    unhealthy = text.find("unhealthy")
+    if unhealthy >= 0:  # the tasks listed after it, not the reporter before it
+        text = text[unhealthy:]
+    cluster = {}
+    try:
+        cluster = parse_tf_config(tf_config)["cluster"]
+    except ValueError:
+        pass
+    names = []
+    for job, index in dict.fromkeys(_TASK.findall(text)):
+        addresses = cluster.get(job, [])
+        where = f" ({addresses[int(index)]})" if int(index) < len(addresses) else ""
+        names.append(f"{job} {index}{where}")
+    return names
