@@ -388,3 +388,24 @@ def test_ablation_and_evaluate_under_mirrored(parse, tmp_path):
     metrics = evaluate.run()  # embeds in this process, on one device
     recorded = json.loads((workdir / "with_b8_m40_s0" / "retrieval.json").read_text())
     assert metrics["recall@1"] == pytest.approx(recorded["after"]["recall@1"])
+
+
+@pytest.mark.slow
+def test_nan_stop_under_both_strategies(tmp_path):
+    """A learning rate of 1e30 makes step 2's loss NaN: every process stops."""
+    args = ["--steps=3", "--learning_rate=1e30"]
+    result = _train(tmp_path / "m", tmp_path / "mirrored", *args, *MIRRORED)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "became nan at training step 2" in result.stderr
+    assert not (tmp_path / "mirrored" / "backup").exists()  # nothing saved after
+    with socket.socket() as s0, socket.socket() as s1:
+        s0.bind(("127.0.0.1", 0))
+        s1.bind(("127.0.0.1", 0))
+        hosts = [f"127.0.0.1:{s.getsockname()[1]}" for s in (s0, s1)]
+    args = [tmp_path / "w", f"--workdir={tmp_path / 'multiworker'}", *args]
+    procs = _start_workers([*args, "--strategy=multiworker"], tmp_path, "w", hosts)
+    _wait(procs, TIMEOUT)
+    for index, p in enumerate(procs):
+        text = (tmp_path / f"w{index}.log").read_text()
+        assert p.returncode == 1, text[-4000:]
+        assert "became nan at training step 2" in text
