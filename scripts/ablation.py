@@ -81,6 +81,20 @@ def plan() -> list[ablation.AblationRun]:
             f"multiple of --k={k} with P = batch / K >= 2 (e.g. "
             f"{','.join(str(k * p) for p in (2, 4, 8, 16))})"
         )
+    common.check_strategy_flags()
+    if common.STRATEGY.value == "multiworker":
+        raise FlagError(
+            "--strategy=multiworker: ablation.py runs its train.py processes on one "
+            "machine; use --strategy=mirrored (--cpu_replicas=N without GPUs), or "
+            "run train.py itself on every worker"
+        )
+    replicas = common.CPU_REPLICAS.value or 1
+    odd = [b for b in batch_sizes if (b // k) % replicas]
+    if odd:
+        raise FlagError(
+            f"--batch_sizes: {odd} give P = batch / --k not divisible by the "
+            f"--cpu_replicas={replicas} replicas (each holds whole classes)"
+        )
     try:
         return ablation.plan_runs(batch_sizes, memory_sizes, _ints(common.SEEDS), k)
     except ValueError as error:

@@ -154,6 +154,12 @@ STRATEGY = flags.DEFINE_enum(
     "default | mirrored (all GPUs of this machine) | multiworker (the cluster in "
     "TF_CONFIG); --p x --k is the global batch.",
 )
+CPU_REPLICAS = flags.DEFINE_integer(
+    "cpu_replicas",
+    None,
+    "With --strategy=mirrored: split the CPU into this many logical devices and "
+    "mirror over them (a multi-replica run on a machine without GPUs).",
+)
 SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 BACKUP_EVERY = flags.DEFINE_integer(
     "backup_every_steps",
@@ -293,6 +299,28 @@ def check_data_flags() -> None:
         )
     if any(k < 1 for k in recall_ks()):
         raise FlagError(f"--recall_ks must be positive, got {RECALL_KS.value}")
+
+
+def check_strategy_flags() -> None:
+    """Checks --strategy and --cpu_replicas, before TensorFlow sets up devices."""
+    if CPU_REPLICAS.value is None:
+        return
+    if STRATEGY.value != "mirrored":
+        raise FlagError(
+            f"--cpu_replicas={CPU_REPLICAS.value} needs --strategy=mirrored, not "
+            f"--strategy={STRATEGY.value}"
+        )
+    if CPU_REPLICAS.value < 1:
+        raise FlagError(f"--cpu_replicas={CPU_REPLICAS.value} must be positive")
+
+
+def make_strategy():
+    """The strategy of --strategy (and --cpu_replicas); make it first of all."""
+    check_strategy_flags()
+    try:
+        return distribute.make_strategy(STRATEGY.value, cpu_replicas=CPU_REPLICAS.value)
+    except ValueError as error:  # a bad TF_CONFIG, or devices set up already
+        raise FlagError(f"--strategy={STRATEGY.value}: {error}") from None
 
 
 def drift_deltas() -> list[int]:

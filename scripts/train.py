@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import common  # noqa: E402
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from common import FlagError  # noqa: E402
 
@@ -38,8 +39,9 @@ from xbm_tf import (  # noqa: E402
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
 from xbm_tf.backup import TrainingBackup, fit_segments  # noqa: E402
 from xbm_tf.distribute import (  # noqa: E402
-    make_strategy,
+    lost_workers,
     replica_batch_size,
+    synchronize_batch_norm,
     worker_path,
 )
 from xbm_tf.export import export_embedding_model  # noqa: E402
@@ -53,6 +55,7 @@ def check_train_flags() -> None:
     common.require(common.WORKDIR, common.MEMORY_SIZE, common.STEPS)
     common.check_data_flags()
     common.check_loss_flags()
+    common.check_strategy_flags()
     common.check_positive(common.EMBEDDING_DIM, common.LR)
     if common.XBM_START.value < 0:
         raise FlagError(f"--xbm_start_step={common.XBM_START.value} must be >= 0")
@@ -151,6 +154,10 @@ def build_model() -> XBMContrastiveModel:
         pooling=common.POOLING.value,
         mixed_precision=None if common.MIXED.value == "none" else common.MIXED.value,
     )
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        # Each replica normalises with the global batch's statistics, as one
+        # device trained on the global batch would.
+        synchronize_batch_norm(embedder)
     losses = {
         "contrastive": lambda: ContrastiveLoss(
             neg_margin=common.CONTRASTIVE_NEG_MARGIN.value
@@ -268,7 +275,7 @@ def run(extra_callbacks=()) -> dict:
     """Trains as the flags say; returns the final metrics."""
     check_train_flags()
     # A multi-worker strategy must be made before any other TensorFlow call.
-    strategy = make_strategy(common.STRATEGY.value)
+    strategy = common.make_strategy()
     # Non-chief workers write their (required) copies beside the chief's workdir.
     workdir = worker_path(common.WORKDIR.value, strategy)
     replicas = strategy.num_replicas_in_sync
@@ -315,16 +322,26 @@ def run(extra_callbacks=()) -> dict:
                 flush=True,
             )
     # Mid-epoch, a first fit finishes the epoch: the stream starts at the step.
-    for first, initial, end, steps in fit_segments(start, steps_per_epoch, epochs):
-        model.fit(
-            train(first),
-            initial_epoch=initial,
-            epochs=end,
-            steps_per_epoch=steps,
-            callbacks=callbacks,
-            verbose=common.verbose(),
-            shuffle=False,  # the P x K stream is shuffled by its sampler
-        )
+    try:
+        for first, initial, end, steps in fit_segments(start, steps_per_epoch, epochs):
+            model.fit(
+                train(first),
+                initial_epoch=initial,
+                epochs=end,
+                steps_per_epoch=steps,
+                callbacks=callbacks,
+                verbose=common.verbose(),
+                shuffle=False,  # the P x K stream is shuffled by its sampler
+            )
+    except tf.errors.OpError as error:
+        lost = lost_workers(error) if common.STRATEGY.value == "multiworker" else []
+        if not lost:
+            raise
+        raise SystemExit(
+            f"error: lost contact with {', '.join(lost)} (it stopped sending "
+            "heartbeats: killed, crashed or cut off). Start every worker again "
+            "with its command: the run resumes from the backups."
+        ) from None
     # The callback already embedded the test split after the last epoch, if it
     # evaluated then: reuse those embeddings rather than embed it again.
     last = evaluation.last_epoch_embeddings

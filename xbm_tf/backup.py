@@ -18,12 +18,15 @@ trains on exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 
 import keras
+
+from xbm_tf import distribute
 
 _COMPLETE = re.compile(r"^step_(\d+)$")
 _WEIGHTS = "model.weights.h5"
@@ -133,18 +136,32 @@ class TrainingBackup(keras.callbacks.Callback):
         self.step = 0
         self._saved_step = None
         self._remove_partial()
-        complete = self._complete()
-        if not complete:
+        complete = dict(self._complete())
+        step = max(complete, default=0)
+        strategy = getattr(model, "distribute_strategy", None)
+        if strategy is not None and distribute.is_multiworker(strategy):
+            # Every worker takes part, with or without a backup of its own.
+            step = distribute.min_over_workers(step, strategy)
+            if step and step not in complete:
+                raise ValueError(
+                    f"The workers' newest common backup is step {step}, but "
+                    f"{self.backup_dir} holds only steps {sorted(complete)}: were "
+                    "the workers started with different --workdir or commands?"
+                )
+        if not step:
             return 0
-        step, path = complete[-1]
+        path = complete[step]
         weights = os.path.join(path, _WEIGHTS)
         with open(os.path.join(path, _STATE)) as f:
             state = json.load(f)
         if state.get("step") != step:
             raise ValueError(f"{path}/{_STATE} says step {state.get('step')}")
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(weights)
+        # The optimizer's variables are made under the model's strategy, if any.
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        with scope:
+            if model.optimizer is not None and not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            model.load_weights(weights)
         self.step = self._saved_step = step
         return step
 
@@ -175,14 +192,16 @@ class TrainingBackup(keras.callbacks.Callback):
             shutil.rmtree(partial)
         os.makedirs(partial)
         self._write(partial)
-        previous = self._complete()
         if os.path.exists(final):  # the same step again: replace it
             shutil.rmtree(final)
         os.replace(partial, final)
         _fsync_dir(self.backup_dir)
-        for _, path in previous:
-            if path != final:
-                shutil.rmtree(path, ignore_errors=True)
+        # Multi-worker: keep the previous one too, which the other workers may
+        # still need if one of them dies before its own copy of this one is done.
+        strategy = getattr(self.model, "distribute_strategy", None)
+        keep = 2 if strategy is not None and distribute.is_multiworker(strategy) else 1
+        for _, path in self._complete()[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
         self._saved_step = self.step
         return final
 

@@ -11,13 +11,52 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
+import keras
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multiworker")
 
 
-def make_strategy(name: str = "default", devices: list[str] | None = None):
+def split_cpu(num_devices: int) -> list[str]:
+    """Splits this machine's CPU into `num_devices` logical devices.
+
+    Lets `MirroredStrategy` run `num_devices` replicas on a machine without GPUs,
+    e.g. to check a multi-replica run on a laptop. Call it before TensorFlow runs
+    any op (TensorFlow fixes its devices then); calling it again with the same
+    number is allowed.
+
+    Args:
+        num_devices: the number of logical CPU devices (>= 1).
+
+    Returns:
+        Their names, `["/cpu:0", ..., f"/cpu:{num_devices - 1}"]`.
+    """
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int):
+        raise ValueError(f"num_devices must be an integer, got {num_devices!r}")
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    wanted = [tf.config.LogicalDeviceConfiguration()] * num_devices
+    try:
+        tf.config.set_logical_device_configuration(cpu, wanted)
+    except RuntimeError:  # TensorFlow has initialised its devices already
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != num_devices:
+            raise ValueError(
+                f"Cannot split the CPU into {num_devices} devices: TensorFlow has "
+                f"already set up {have}. Split it first thing in the program, "
+                "before any TensorFlow op runs."
+            ) from None
+    return [f"/cpu:{i}" for i in range(num_devices)]
+
+
+def make_strategy(
+    name: str = "default",
+    devices: list[str] | None = None,
+    cpu_replicas: int | None = None,
+):
     """Returns the `tf.distribute` strategy called `name`.
 
     Create the model (and compile it) under `strategy.scope()`; `fit` then runs
@@ -32,6 +71,10 @@ def make_strategy(name: str = "default", devices: list[str] | None = None):
             TensorFlow call).
         devices: for `"mirrored"` only, the devices to use (e.g.
             `["/gpu:0", "/gpu:1"]`); default: all GPUs, else the CPU.
+        cpu_replicas: for `"mirrored"` only, instead of `devices`: split the CPU
+            into this many logical devices (`split_cpu`) and mirror over them,
+            so that a machine without GPUs runs that many replicas. Make the
+            strategy before any TensorFlow op runs.
 
     Returns:
         A `tf.distribute.Strategy`.
@@ -51,6 +94,14 @@ def make_strategy(name: str = "default", devices: list[str] | None = None):
         raise ValueError(
             f"devices is only used by the 'mirrored' strategy, not {name!r}"
         )
+    if cpu_replicas is not None:
+        if name != "mirrored":
+            raise ValueError(
+                f"cpu_replicas is only used by the 'mirrored' strategy, not {name!r}"
+            )
+        if devices is not None:
+            raise ValueError("give devices or cpu_replicas, not both")
+        devices = split_cpu(cpu_replicas)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -231,3 +282,100 @@ class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
             return reduce(reduce_op, tensor, None if rank == 0 else axis)
 
         return tf.nest.map_structure(reduce_one, value)
+
+
+def is_multiworker(strategy=None) -> bool:
+    """Whether `strategy` (default: the current one) spans several processes."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def min_over_workers(value: int, strategy=None) -> int:
+    """The smallest of every worker's integer `value`.
+
+    A collective under the multiworker strategy (every worker must call it, with
+    the same strategy); `value` itself otherwise.
+
+    Args:
+        value: this worker's value.
+        strategy: default: the current strategy.
+
+    Returns:
+        The minimum over the workers.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    if not is_multiworker(strategy):
+        return int(value)
+    local = tf.constant([value], tf.int64)
+
+    @tf.function
+    def gather():
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            return context.all_gather(local, axis=0)
+
+        return strategy.run(replica_fn)
+
+    gathered = strategy.experimental_local_results(gather())[0]
+    return int(tf.reduce_min(gathered).numpy())
+
+
+def synchronize_batch_norm(model) -> int:
+    """Makes every `BatchNormalization` layer of `model` use global statistics.
+
+    A `BatchNormalization` layer in training mode normalises with the mean and
+    variance of its replica's rows only; under a strategy with several replicas
+    the forward pass (and the moving statistics) then differ from one device
+    trained on the same global batch. With `synchronized=True` (TensorFlow
+    backend) the layer all-reduces the sums over every replica's rows, so each
+    replica normalises with the global batch's statistics. Call it on the
+    embedding network before training under such a strategy.
+
+    Args:
+        model: a Keras model (nested models are searched).
+
+    Returns:
+        The number of layers changed.
+    """
+    changed = 0
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if not layer.synchronized:
+                layer.synchronized = True
+                changed += 1
+    return changed
+
+
+_TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+
+
+def lost_workers(error: BaseException, tf_config: str | None = None) -> list[str]:
+    """Names the workers a multi-worker collective error blames, with addresses.
+
+    When a worker dies, TensorFlow's coordination service stops hearing its
+    heartbeats (after 10 s, its default timeout) and aborts the collectives of
+    the others with an error listing the unhealthy tasks, e.g.
+    `/job:worker/replica:0/task:1`.
+
+    Args:
+        error: the exception raised by `fit` (or any collective).
+        tf_config: the cluster's `TF_CONFIG` JSON; default: the environment's.
+
+    Returns:
+        E.g. `["worker 1 (host2:12345)"]`; empty if the error names no task.
+    """
+    text = str(error)
+    unhealthy = text.find("unhealthy")
+    if unhealthy >= 0:  # the tasks listed after it, not the reporter before it
+        text = text[unhealthy:]
+    cluster = {}
+    try:
+        cluster = parse_tf_config(tf_config)["cluster"]
+    except ValueError:
+        pass
+    names = []
+    for job, index in dict.fromkeys(_TASK.findall(text)):
+        addresses = cluster.get(job, [])
+        where = f" ({addresses[int(index)]})" if int(index) < len(addresses) else ""
+        names.append(f"{job} {index}{where}")
+    return names

@@ -219,7 +219,8 @@ class FeatureDrift(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             raise ValueError("FeatureDrift needs a compiled model (an optimizer).")
-        return int(optimizer.iterations)
+        # convert_to_numpy reads a mirrored variable too (`int()` of it fails).
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
     def record(self, step: int, embeddings: np.ndarray) -> dict[str, float]:
         """Stores the probe embeddings of `step` and returns the new drift values.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import weakref
 
 import keras
 import numpy as np
@@ -54,17 +55,56 @@ def _check_embeddings(emb, num_images) -> np.ndarray:
     return emb.astype(np.float32, copy=False)
 
 
+# model -> its inference function (a weak key: the model may be freed).
+_INFERENCE = weakref.WeakKeyDictionary()
+
+
+def _inference(model):
+    """A function `images -> embeddings` of `model`, one row per image.
+
+    Keras' `predict_on_batch` under a `MirroredStrategy` hands every replica the
+    whole batch and concatenates their outputs (R x the rows). Here a Keras
+    model is called in a `tf.function` of its own, which runs in the
+    cross-replica context on this worker's device, reading the local copies of
+    the variables with no collective: one row per image, in order, under any
+    strategy, and each worker of a multi-worker job can embed alone. Objects that
+    are not Keras layers (e.g. a SavedModel's function wrapper) are used through
+    their `predict_on_batch`.
+    """
+    if not isinstance(model, keras.layers.Layer):
+        return model.predict_on_batch
+    function = _INFERENCE.get(model)
+    if function is None:
+        reference = weakref.ref(model)
+
+        def call(images):
+            return reference()(images, training=False)
+
+        function = tf.function(call, reduce_retracing=True)
+        _INFERENCE[model] = function
+    return function
+
+
+def _embed_batch(embed, images) -> np.ndarray:
+    num = int(tf.shape(images)[0])
+    return _check_embeddings(keras.ops.convert_to_numpy(embed(images)), num)
+
+
 def embed_dataset(model, data, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Embeds an evaluation split with `model` and returns numpy arrays.
 
+    Works the same under any `tf.distribute` strategy: the images are embedded
+    on this worker alone (see `_inference`), one row per image, in order.
+
     Args:
         model: a Keras model whose outputs are `(batch, dim)` L2-normalised
-            embeddings (its `predict` output).
+            embeddings, called in inference mode; or any object with a
+            `predict_on_batch(images)` method returning them.
         data: a `tf.data.Dataset` yielding `(images, labels)` batches (extra
             elements such as sample weights are ignored), or a tuple
-            `(images, labels)` of arrays. Arrays go through `model.predict`; a
-            dataset is read once, batch by batch, with `model.predict_on_batch`,
-            so images and labels stay aligned even if it shuffles or augments.
+            `(images, labels)` of arrays, embedded `batch_size` rows at a time.
+            A dataset is read once, batch by batch, so images and labels stay
+            aligned even if it shuffles or augments.
         batch_size: batch size for array inputs.
 
     Returns:
@@ -78,6 +118,7 @@ def embed_dataset(model, data, batch_size: int = 256) -> tuple[np.ndarray, np.nd
     ((3, 4), [0, 1, 1])
     """
     _check_data(data, "data")
+    embed = _inference(model)
     if isinstance(data, tf.data.Dataset):
         embeddings, labels = [], []
         for batch in data:
@@ -87,17 +128,19 @@ def embed_dataset(model, data, batch_size: int = 256) -> tuple[np.ndarray, np.nd
                     f"element of type {type(batch).__name__}."
                 )
             images, batch_labels = batch[0], batch[1]
-            num = int(tf.shape(images)[0])
-            if num == 0:  # Some kernels fail on an empty batch (oneDNN's batch
-                continue  # norm on AVX-512): it has nothing to embed anyway.
-            embeddings.append(_check_embeddings(model.predict_on_batch(images), num))
+            if int(tf.shape(images)[0]) == 0:  # Some kernels fail on an empty
+                continue  # batch (oneDNN's batch norm on AVX-512): nothing to embed.
+            embeddings.append(_embed_batch(embed, images))
             labels.append(_flat_labels(batch_labels))
         if not embeddings:
             raise ValueError("The evaluation dataset yielded no batches.")
         return np.concatenate(embeddings), np.concatenate(labels)
     images, labels = data
-    emb = model.predict(images, batch_size=batch_size, verbose=0)
-    return _check_embeddings(emb, len(images)), _flat_labels(labels)
+    embeddings = [
+        _embed_batch(embed, images[start : start + batch_size])
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(embeddings), _flat_labels(labels)
 
 
 class RetrievalEvaluation(keras.callbacks.Callback):
