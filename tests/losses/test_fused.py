@@ -16,6 +16,7 @@ from xbm_tf.losses import (
     triplet_loss,
 )
 from xbm_tf.losses.fused import memory_pair_loss
+from xbm_tf.losses.pairs import similarity_matrix
 
 BF16_EPS = 2.0**-8  # bfloat16 keeps 8 significant bits: rounding error <= 2^-9
 
@@ -155,11 +156,10 @@ def test_memory_pair_loss_routes_contrastive_to_the_fused_loss():
     )
     want = fused_contrastive_loss(q, ql, k_half, kl, mask, own, neg_margin=0.2)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # Other losses read the memory cast to float32: exactly their own function.
+    # Other losses run exactly their own function on the keys as stored.
     triplet = TripletLoss(margin=0.2, mining="hard")
     got = memory_pair_loss(triplet, q, ql, k_half, kl, mask, own)
-    plain = tf.cast(k_half, "float32")
-    want = triplet_loss(q, ql, plain, kl, mask, own, margin=0.2, mining="hard")
+    want = triplet_loss(q, ql, k_half, kl, mask, own, margin=0.2, mining="hard")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -213,9 +213,38 @@ def test_other_losses_read_the_memory_keys_densely():
     keys_in_place, tensor = _written_keys("memory", k, "bfloat16")
     triplet = TripletLoss(margin=0.2, mining="hard")
     got = memory_pair_loss(triplet, q, ql, keys_in_place, kl, mask, own)
-    plain = tf.cast(tensor, "float32")
-    want = triplet_loss(q, ql, plain, kl, mask, own, margin=0.2, mining="hard")
+    want = triplet_loss(q, ql, tensor, kl, mask, own, margin=0.2, mining="hard")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_keys_are_multiplied_as_stored(dtype):
+    # The generic losses' similarity_matrix multiplies a half-precision memory
+    # in its dtype (queries cast to it) instead of copying it to float32.
+    q, _, k, _, _, _ = _problem(7, b=12, m=300, d=64)
+    k_half = tf.cast(k, dtype)
+    plain = tf.cast(k_half, "float32").numpy()  # the stored values, exactly
+    weights = np.random.default_rng(0).normal(size=(len(q), len(k)))
+    weights = weights.astype(np.float32)
+    queries = tf.constant(q)
+    results = {}
+    for name, keys in (("half", k_half), ("float32", plain)):
+        with tf.GradientTape() as tape:
+            tape.watch(queries)
+            sim = similarity_matrix(queries, keys)
+            total = tf.reduce_sum(sim * weights)
+        results[name] = (sim.numpy(), tape.gradient(total, queries).numpy())
+    assert results["half"][0].dtype == np.float32
+    sim_error = np.abs(results["half"][0] - results["float32"][0])
+    grad_error = np.abs(results["half"][1] - results["float32"][1])
+    # Unit vectors: the queries rounded to the keys' dtype move each s by at
+    # most 2^-9 (bfloat16; float16: 2^-11), and s is rounded once more (2^-9
+    # of |s| <= 1): |ds| <= 2^-8.
+    assert sim_error.max() <= BF16_EPS and sim_error.max() > 0
+    # The gradient W @ k is summed in the keys' dtype from W rounded (2^-9
+    # relative per term) and rounded once (2^-9 of the result).
+    bound = BF16_EPS * (np.abs(weights) @ np.abs(plain))
+    assert np.all(grad_error <= bound) and grad_error.max() > 0
 
 
 def _buffer(tensor):

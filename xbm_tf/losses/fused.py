@@ -166,17 +166,15 @@ def memory_pair_loss(
 ):
     """Per-query losses of queries against constant keys (a memory).
 
-    A `ContrastiveLoss` runs as `fused_contrastive_loss` (the matmuls in the keys'
-    dtype). Every other loss runs its own function, whose `similarity_matrix`
-    casts the keys to float32: correct, but it copies a half-precision memory to
-    float32 on every call and keeps the unfused elementwise passes.
+    A `ContrastiveLoss` runs as `fused_contrastive_loss`. Every other loss runs
+    its own function on the keys read densely (`dense_keys`), whose
+    `similarity_matrix` multiplies a half-precision memory as stored.
 
     Args:
         pair_loss: the `PairLoss` of the model.
         query_embeddings, query_labels, key_embeddings, key_labels, key_mask,
             query_key_index: as in `contrastive_loss`; `key_embeddings` may be
-            `CrossBatchMemory.keys()` or a variable (read in place by the fused
-            loss).
+            `CrossBatchMemory.keys()` or a variable (read by `dense_keys`).
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
