@@ -246,7 +246,8 @@ def embed_batch(embed: Callable, images, dim: int | None) -> tf.Tensor:
         float32 `(B, dim)` embeddings.
 
     Example:
-        >>> embed_batch(model, np.zeros((0, 28, 28, 1), "float32"), 8).shape
+        >>> embed = lambda x: tf.ones([tf.shape(x)[0], 8])  # any network
+        >>> embed_batch(embed, np.zeros((0, 28, 28, 1), "float32"), 8).shape
         TensorShape([0, 8])
     """
     if dim is None:
@@ -278,7 +279,9 @@ def check_finite_rows(x, name: str, nonzero: bool = False) -> tf.Tensor:
 
     Example:
         >>> check_finite_rows(tf.constant([[1.0], [np.nan]]), "`embeddings`")
-        InvalidArgumentError: ... `embeddings` row 1 (of 2) has a NaN or ...
+        Traceback (most recent call last):
+        ...
+        tensorflow...InvalidArgumentError: ...`embeddings` row 1 (of 2) has a NaN...
     """
     x = tf.convert_to_tensor(x)
     axes = tf.range(1, tf.rank(x))  # (A reshape to (B, -1) fails on B = 0.)

@@ -60,9 +60,9 @@ class XBMContrastiveModel(keras.Model):
             shape.
         memory_dtype: the dtype the memory stores its embeddings in:
             `"float32"`, `"bfloat16"` or `"float16"` (half the bytes). The
-            batch-vs-memory matmuls of a `ContrastiveLoss` run in it
-            (`xbm_tf.losses.fused_contrastive_loss`); other losses read the memory
-            cast to float32.
+            batch-vs-memory matmuls run in it (the queries are cast to it);
+            with a `ContrastiveLoss` through
+            `xbm_tf.losses.fused_contrastive_loss`.
 
     During warm-up (`optimizer.iterations < xbm_start_step`) `fit` runs a second
     compiled train function without the memory (no enqueue, no memory matmul);
@@ -242,16 +242,15 @@ class XBMContrastiveModel(keras.Model):
         # the memory as it is, and the (then empty) memory loss is zeroed.
         active = ops.greater_equal(training_step, self.xbm_start_step)
         rows = self.memory.enqueue(all_embeddings, all_labels, active=active)
-        # The embeddings go as the variable itself (`keys()`): the fused
-        # contrastive loss reads it inside XLA, in place. A dense read outside
-        # XLA would copy the whole (M, D) buffer on every step, since the scatter
-        # of the enqueue puts the variable in TensorFlow's copy-on-read mode.
-        key_labels, valid = self.memory.read_labels()
+        # The enqueue scatters inside XLA, so this dense read is the memory's own
+        # buffer, not a copy, and the loss's matmuls run on TensorFlow's kernels
+        # (oneDNN on a CPU) unless the whole step is compiled with XLA.
+        keys, key_labels, valid = self.memory.read()
         losses = memory_pair_loss(
             self.pair_loss,
             embeddings,
             labels,
-            self.memory.keys(),
+            keys,
             key_labels,
             key_mask=valid,
             query_key_index=ops.take(rows, own),

@@ -16,6 +16,7 @@ from xbm_tf.losses import (
     triplet_loss,
 )
 from xbm_tf.losses.fused import memory_pair_loss
+from xbm_tf.losses.pairs import similarity_matrix
 
 BF16_EPS = 2.0**-8  # bfloat16 keeps 8 significant bits: rounding error <= 2^-9
 
@@ -163,11 +164,10 @@ def test_memory_pair_loss_routes_contrastive_to_the_fused_loss():
     )
     want = fused_contrastive_loss(q, ql, k_half, kl, mask, own, neg_margin=0.2)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # Other losses read the memory cast to float32: exactly their own function.
+    # Other losses run exactly their own function on the keys as stored.
     triplet = TripletLoss(margin=0.2, mining="hard")
     got = memory_pair_loss(triplet, q, ql, k_half, kl, mask, own)
-    plain = tf.cast(k_half, "float32")
-    want = triplet_loss(q, ql, plain, kl, mask, own, margin=0.2, mining="hard")
+    want = triplet_loss(q, ql, k_half, kl, mask, own, margin=0.2, mining="hard")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -221,51 +221,69 @@ def test_other_losses_read_the_memory_keys_densely():
     keys_in_place, tensor = _written_keys("memory", k, "bfloat16")
     triplet = TripletLoss(margin=0.2, mining="hard")
     got = memory_pair_loss(triplet, q, ql, keys_in_place, kl, mask, own)
-    plain = tf.cast(tensor, "float32")
-    want = triplet_loss(q, ql, plain, kl, mask, own, margin=0.2, mining="hard")
+    want = triplet_loss(q, ql, tensor, kl, mask, own, margin=0.2, mining="hard")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def _memory_reads(graph, handle_names):
-    """The ops of `graph` (not of the functions it calls, such as the fused
-    loss's XLA functions) that read a placeholder in `handle_names` densely."""
-    found = []
-    for op in graph.get_operations():
-        if op.type == "ReadVariableOp" and op.inputs[0].name in handle_names:
-            found.append(op.name)
-    return found
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_keys_are_multiplied_as_stored(dtype):
+    # The generic losses' similarity_matrix multiplies a half-precision memory
+    # in its dtype (queries cast to it) instead of copying it to float32.
+    q, _, k, _, _, _ = _problem(7, b=12, m=300, d=64)
+    k_half = tf.cast(k, dtype)
+    plain = tf.cast(k_half, "float32").numpy()  # the stored values, exactly
+    weights = np.random.default_rng(0).normal(size=(len(q), len(k)))
+    weights = weights.astype(np.float32)
+    queries = tf.constant(q)
+    results = {}
+    for name, keys in (("half", k_half), ("float32", plain)):
+        with tf.GradientTape() as tape:
+            tape.watch(queries)
+            sim = similarity_matrix(queries, keys)
+            total = tf.reduce_sum(sim * weights)
+        results[name] = (sim.numpy(), tape.gradient(total, queries).numpy())
+    assert results["half"][0].dtype == np.float32
+    sim_error = np.abs(results["half"][0] - results["float32"][0])
+    grad_error = np.abs(results["half"][1] - results["float32"][1])
+    # Unit vectors: the queries rounded to the keys' dtype move each s by at
+    # most 2^-9 (bfloat16; float16: 2^-11), and s is rounded once more (2^-9
+    # of |s| <= 1): |ds| <= 2^-8.
+    assert sim_error.max() <= BF16_EPS and sim_error.max() > 0
+    # The gradient W @ k is summed in the keys' dtype from W rounded (2^-9
+    # relative per term) and rounded once (2^-9 of the result).
+    bound = BF16_EPS * (np.abs(weights) @ np.abs(plain))
+    assert np.all(grad_error <= bound) and grad_error.max() > 0
 
 
-def test_the_model_without_xla_never_reads_the_whole_memory_outside_xla():
-    # Without XLA a dense read of a scattered variable copies all of it on every
-    # step (TensorFlow's copy-on-read mode): the train step must hand the
-    # variable to the fused loss, which reads it inside XLA.
+def _buffer(tensor):
+    """The address of a tensor's data (the same address: the same buffer)."""
+    return np.from_dlpack(tensor).__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_after_an_enqueue_dense_reads_of_the_memory_share_its_buffer(dtype):
+    # The loss's matmuls read the memory densely outside XLA. A scatter outside
+    # XLA would switch the variable to TensorFlow's copy-on-read mode, in which
+    # every dense read copies all M x D values; the enqueue writes inside XLA.
     backbone = build_embedding_model("tiny", 8, input_shape=(8, 8, 1))
-    model = XBMContrastiveModel(backbone, memory_size=32, xbm_start_step=0)
+    model = XBMContrastiveModel(
+        backbone, memory_size=32, xbm_start_step=0, memory_dtype=dtype
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False)
     images = tf.random.uniform((8, 8, 8, 1))
     labels = tf.constant([0, 0, 1, 1, 2, 2, 3, 3])
     step = tf.function(model.train_step, jit_compile=False)
-    concrete = step.get_concrete_function((images, labels))
-    embeddings = model.memory.embeddings.value
-    handles = {
-        placeholder.name
-        for tensor, placeholder in concrete.graph.captures
-        if tensor is embeddings.handle
-    }
-    assert handles, "the memory's handle is not captured by the train step"
-    assert _memory_reads(concrete.graph, handles) == []
+    for _ in range(2):
+        step((images, labels))
+    model.memory.enqueue(tf.ones((8, 8)), labels)  # eagerly, too
+    variable = model.memory.embeddings  # uint16 bits for bfloat16
+    assert int(model.memory.count.numpy()) == 24
+    first, second = (tf.convert_to_tensor(variable) for _ in range(2))
+    assert _buffer(first) == _buffer(second)
 
-    # The check can fail: a step that reads the memory densely is caught.
-    def reading_step(data):
-        out = model.train_step(data)
-        out["peek"] = model.memory.read()[0][0, 0]
-        return out
-
-    concrete = tf.function(reading_step).get_concrete_function((images, labels))
-    handles = {
-        placeholder.name
-        for tensor, placeholder in concrete.graph.captures
-        if tensor is embeddings.handle
-    }
-    assert _memory_reads(concrete.graph, handles)
+    # The check can fail: after a scatter outside XLA the reads are copies.
+    tf.raw_ops.ResourceScatterUpdate(
+        resource=variable.handle, indices=[0], updates=first[:1]
+    )
+    first, second = (tf.convert_to_tensor(variable) for _ in range(2))
+    assert _buffer(first) != _buffer(second)

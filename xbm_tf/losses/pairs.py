@@ -36,10 +36,23 @@ def check_labels(labels, name: str):
 
 
 def similarity_matrix(query_embeddings, key_embeddings):
-    """Cosine similarities `(B, M)` of L2-normalised query and key embeddings."""
-    query_embeddings = ops.cast(query_embeddings, "float32")
-    key_embeddings = ops.cast(key_embeddings, "float32")
-    return ops.matmul(query_embeddings, ops.transpose(key_embeddings))
+    """Cosine similarities `(B, M)` of L2-normalised query and key embeddings.
+
+    The result is float32. Half-precision keys (a bfloat16 or float16 memory)
+    are multiplied as stored, with the queries cast to their dtype, and the
+    product (rounded to that dtype, as in `fused_contrastive_loss`) is cast to
+    float32: casting the keys instead would copy all `M x D` of them on every
+    call, and the half-precision matmul is the fast one on CPUs with AVX-512
+    BF16 or AMX and on GPUs. Other keys are multiplied in float32.
+    """
+    key_embeddings = ops.convert_to_tensor(key_embeddings)
+    dtype = keras.backend.standardize_dtype(key_embeddings.dtype)
+    if dtype not in ("bfloat16", "float16"):
+        dtype = "float32"
+    query_embeddings = ops.cast(query_embeddings, dtype)
+    key_embeddings = ops.cast(key_embeddings, dtype)
+    sim = ops.matmul(query_embeddings, ops.transpose(key_embeddings))
+    return ops.cast(sim, "float32")
 
 
 def pair_masks(query_labels, key_labels, key_mask=None, query_key_index=None):
