@@ -18,7 +18,7 @@ from xbm_tf import data, distribute, evaluation, losses, plots, retrieval
 from xbm_tf.losses.base import hyper_parameters
 from xbm_tf.terminate_on_nonfinite import NonFiniteLossError
 
-DATASETS = ("quickstart", "cub", "cars196", "sop", "inshop", "vehicleid")
+DATASETS = ("quickstart", "glyphs", "cub", "cars196", "sop", "inshop", "vehicleid")
 
 DATASET = flags.DEFINE_enum("dataset", None, DATASETS, "Dataset to train on.")
 DATA_DIR = flags.DEFINE_string(
@@ -35,7 +35,9 @@ VEHICLEID_TEST_SIZE = flags.DEFINE_enum(
     "all (evaluate.py only) prints the three in one table.",
 )
 MAX_PER_CLASS = flags.DEFINE_integer(
-    "max_per_class", None, "Keep at most this many images per class (quickstart)."
+    "max_per_class",
+    None,
+    "Keep at most this many images per class (quickstart, glyphs).",
 )
 WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 OVERWRITE = flags.DEFINE_bool(
@@ -209,6 +211,7 @@ LOADERS = {
     "quickstart": lambda root, max_per_class: data.load_quickstart(
         max_per_class=max_per_class
     ),
+    "glyphs": lambda root, max_per_class: data.load_glyphs(max_per_class=max_per_class),
     "cub": lambda root, _: data.load_cub(root),
     "cars196": lambda root, _: data.load_cars196(root),
     "sop": lambda root, _: data.load_sop(root),
@@ -217,6 +220,8 @@ LOADERS = {
         root, test_size=VEHICLEID_TEST_SIZE.value
     ),
 }
+# Datasets that install with the package (no --data_dir).
+PACKAGED_DATASETS = ("quickstart", "glyphs")
 TFDS_NAMES = {
     "cub": "caltech_birds2011",
     "cars196": "cars196",
@@ -279,7 +284,7 @@ def check_data_flags() -> None:
         raise FlagError(
             f"--crop_size={CROP.value} is larger than --resize_size={RESIZE.value}"
         )
-    if DATASET.value != "quickstart" and not DATA_DIR.value:
+    if DATASET.value not in PACKAGED_DATASETS and not DATA_DIR.value:
         raise FlagError(f"--dataset={DATASET.value} needs --data_dir")
     if DATA_DIR.value and not os.path.isdir(DATA_DIR.value):
         raise FlagError(f"--data_dir={DATA_DIR.value} is not a folder")
