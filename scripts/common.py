@@ -15,7 +15,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from xbm_tf import data, distribute, evaluation, losses, plots, retrieval
-from xbm_tf.losses.base import hyper_parameters
+from xbm_tf.losses.base import PAIR_REDUCTIONS, hyper_parameters
 from xbm_tf.terminate_on_nonfinite import NonFiniteLossError
 
 DATASETS = ("quickstart", "glyphs", "cub", "cars196", "sop", "inshop", "vehicleid")
@@ -88,6 +88,13 @@ CONTRASTIVE_NEG_MARGIN = flags.DEFINE_float(
     _CONTRASTIVE["neg_margin"],
     "Contrastive loss: negatives with cosine similarity at or below it cost nothing.",
 )
+CONTRASTIVE_PAIR_REDUCTION = flags.DEFINE_enum(
+    "contrastive_pair_reduction",
+    _CONTRASTIVE["pair_reduction"],
+    list(PAIR_REDUCTIONS),
+    "Contrastive loss: each query's sum over its pairs (the paper's; grows with "
+    "the memory) or mean over its positives + mean over its active negatives.",
+)
 TRIPLET_MARGIN = flags.DEFINE_float(
     "triplet_margin",
     _TRIPLET["margin"],
@@ -98,6 +105,13 @@ TRIPLET_MINING = flags.DEFINE_enum(
     _TRIPLET["mining"],
     ["hard", "semihard"],
     "Triplet loss: negative mining.",
+)
+TRIPLET_PAIR_REDUCTION = flags.DEFINE_enum(
+    "triplet_pair_reduction",
+    _TRIPLET["pair_reduction"],
+    list(PAIR_REDUCTIONS),
+    "Triplet loss: each query's mean over its positives' triplets (sum, the "
+    "default) or over its active, non-zero triplets (mean).",
 )
 MS_ALPHA = flags.DEFINE_float(
     "ms_alpha", _MS["alpha"], "Multi-similarity loss: positive scale alpha (> 0)."

@@ -122,8 +122,12 @@ def test_class_defaults_are_the_functions_defaults(cls, fn):
 
 
 def test_distinct_hyper_parameter_names():
-    assert list(hyper_parameters(contrastive_loss)) == ["neg_margin"]
-    assert list(hyper_parameters(triplet_loss)) == ["margin", "mining"]
+    assert list(hyper_parameters(contrastive_loss)) == ["neg_margin", "pair_reduction"]
+    assert list(hyper_parameters(triplet_loss)) == [
+        "margin",
+        "mining",
+        "pair_reduction",
+    ]
     assert list(hyper_parameters(multi_similarity_loss)) == [
         "alpha",
         "beta",
@@ -157,7 +161,7 @@ def test_hyper_parameters_are_read_only_and_used():
     ms = MultiSimilarityLoss()
     with pytest.raises(AttributeError, match="margin is the deprecated name of eps"):
         ms.margin = -1.0
-    assert loss.hyper_parameters == {"neg_margin": 0.5}
+    assert loss.hyper_parameters == {"neg_margin": 0.5, "pair_reduction": "sum"}
     assert ms.epsilon == hyper_parameters(multi_similarity_loss)["epsilon"]
 
 
@@ -210,7 +214,7 @@ def test_configs_saved_with_the_old_names_still_load():
             "ContrastiveLoss",
             {"name": "contrastive_loss", "reduction": "sum_over_batch_size"},
             {"margin": 0.3},
-            {"neg_margin": 0.3},
+            {"neg_margin": 0.3, "pair_reduction": "sum"},  # saved before the mean
         ),
         (
             "MultiSimilarityLoss",

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from xbm_tf.losses.base import PairLoss
-from xbm_tf.losses.contrastive import ContrastiveLoss
+from xbm_tf.losses.base import PairLoss, check_pair_reduction
+from xbm_tf.losses.contrastive import ContrastiveLoss, mean_weights
 from xbm_tf.losses.pairs import check_labels, pair_masks
 
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
@@ -73,7 +73,9 @@ def dense_keys(key_embeddings):
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _forward(queries, keys, query_labels, key_labels, key_mask, own, margin, spec):
+def _forward(
+    queries, keys, query_labels, key_labels, key_mask, own, margin, spec, mean
+):
     """Per-query losses and `dL/ds`, in one XLA function.
 
     Args:
@@ -84,6 +86,9 @@ def _forward(queries, keys, query_labels, key_labels, key_mask, own, margin, spe
         own: int32 `(B,)`, the key index of each query's own copy (-1: none).
         margin: float32 scalar.
         spec: `(dtype, storage_dtype, shape)` of the keys, Python values.
+        mean: Python bool, `pair_reduction == "mean"`: the pair costs and
+            coefficients are scaled by `mean_weights` (1 / the query's number of
+            positives, or of hard negatives).
 
     Returns:
         `(losses (B,) float32, coefficients (B, M) in the keys' dtype)`.
@@ -96,6 +101,9 @@ def _forward(queries, keys, query_labels, key_labels, key_mask, own, margin, spe
     zero = tf.zeros_like(s)
     cost = tf.where(positive, 1.0 - s, tf.where(hard, s, zero))
     coefficients = tf.where(positive, -1.0, tf.where(hard, 1.0, zero))
+    if mean:  # the counts are piecewise constant in s: dL/ds is scaled alike
+        weights = mean_weights(positive, hard)
+        cost, coefficients = cost * weights, coefficients * weights
     return tf.reduce_sum(cost, axis=1), tf.cast(coefficients, keys.dtype)
 
 
@@ -115,6 +123,7 @@ def fused_contrastive_loss(
     key_mask=None,
     query_key_index=None,
     neg_margin: float = 0.5,
+    pair_reduction: str = "sum",
 ):
     """`contrastive_loss` against constant keys, with a hand-written gradient.
 
@@ -136,6 +145,7 @@ def fused_contrastive_loss(
         query_key_index: optional integer `(B,)`, the index of each query's own copy
             among the keys (excluded); negative for none.
         neg_margin: negatives at or below this similarity cost nothing.
+        pair_reduction: `"sum"` (default) or `"mean"`, as in `contrastive_loss`.
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
@@ -145,6 +155,7 @@ def fused_contrastive_loss(
     >>> losses = fused_contrastive_loss(
     ...     q, y, memory.keys(), key_labels, key_mask=valid)
     """
+    mean = check_pair_reduction(pair_reduction) == "mean"
     keys, spec = _keys_of(key_embeddings)
     dtype = spec[0]
     if dtype.name not in MATMUL_DTYPES:
@@ -166,7 +177,7 @@ def fused_contrastive_loss(
     @tf.custom_gradient
     def loss(queries):
         losses, coefficients = _forward(
-            queries, keys, query_labels, key_labels, key_mask, own, margin, spec
+            queries, keys, query_labels, key_labels, key_mask, own, margin, spec, mean
         )
 
         def gradient(upstream):
@@ -213,6 +224,7 @@ def memory_pair_loss(
             key_mask=key_mask,
             query_key_index=query_key_index,
             neg_margin=pair_loss.neg_margin,
+            pair_reduction=pair_loss.pair_reduction,
         )
     return pair_loss.pair_loss(
         query_embeddings,
