@@ -47,6 +47,9 @@ _PER_RUN = ("workdir", "p", "seed", "memory_size", "xbm_weight", "overwrite")
 _ABLATION_FLAGS = ("batch_sizes", "memory_sizes", "seeds", "jobs", "report_only")
 _ROW_KEYS = ("run", "condition", "batch_size", "p", "k", "memory_size", "seed")
 _TIME_KEYS = ("train_seconds", "steps_per_second")
+# The untrained network's Recall@1 (train.py's "before" evaluation), to mark
+# runs that ended below it (a collapse).
+_UNTRAINED_KEYS = (ablation.UNTRAINED_RECALL,)
 
 
 def _ints(holder) -> list[int]:
@@ -179,7 +182,8 @@ def _finished(run_dir: str) -> bool:
 def result_row(run: ablation.AblationRun, run_dir: str) -> dict:
     """The CSV row of a finished run, from its retrieval.json and timing.json."""
     with open(os.path.join(run_dir, "retrieval.json")) as f:
-        metrics = json.load(f)["after"]
+        results = json.load(f)
+    metrics = results["after"]
     with open(os.path.join(run_dir, "timing.json")) as f:
         timing = json.load(f)
     row = dict(
@@ -192,6 +196,8 @@ def result_row(run: ablation.AblationRun, run_dir: str) -> dict:
         seed=run.seed,
     )
     row.update({key: f"{value:.6f}" for key, value in metrics.items()})
+    if "recall@1" in results.get("before", {}):
+        row[ablation.UNTRAINED_RECALL] = f"{results['before']['recall@1']:.6f}"
     row.update(
         train_seconds=f"{timing['train_seconds']:.2f}",
         steps_per_second=f"{timing['steps_per_second']:.3f}",
@@ -217,7 +223,8 @@ def train_one(flagfile: str, log_path: str) -> None:
 
 
 def metric_names(rows: list[dict]) -> list[str]:
-    return [k for k in rows[0] if k not in _ROW_KEYS and k not in _TIME_KEYS]
+    skip = _ROW_KEYS + _TIME_KEYS + _UNTRAINED_KEYS
+    return [k for k in rows[0] if k not in skip]
 
 
 def write_report(rows: list[dict], workdir: str, command: str) -> str:

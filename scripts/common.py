@@ -16,10 +16,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from xbm_tf import data, distribute, losses, plots, retrieval
-from xbm_tf.losses.base import hyper_parameters
+from xbm_tf.losses.base import PAIR_REDUCTIONS, hyper_parameters
 from xbm_tf.terminate_on_nonfinite import NonFiniteLossError
 
-DATASETS = ("quickstart", "cub", "cars196", "sop", "inshop", "vehicleid")
+DATASETS = ("quickstart", "glyphs", "cub", "cars196", "sop", "inshop", "vehicleid")
 
 DATASET = flags.DEFINE_enum("dataset", None, DATASETS, "Dataset to train on.")
 DATA_DIR = flags.DEFINE_string(
@@ -36,7 +36,9 @@ VEHICLEID_TEST_SIZE = flags.DEFINE_enum(
     "all (evaluate.py only) prints the three in one table.",
 )
 MAX_PER_CLASS = flags.DEFINE_integer(
-    "max_per_class", None, "Keep at most this many images per class (quickstart)."
+    "max_per_class",
+    None,
+    "Keep at most this many images per class (quickstart, glyphs).",
 )
 WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 OVERWRITE = flags.DEFINE_bool(
@@ -90,6 +92,13 @@ CONTRASTIVE_NEG_MARGIN = flags.DEFINE_float(
     _CONTRASTIVE["neg_margin"],
     "Contrastive loss: negatives with cosine similarity at or below it cost nothing.",
 )
+CONTRASTIVE_PAIR_REDUCTION = flags.DEFINE_enum(
+    "contrastive_pair_reduction",
+    _CONTRASTIVE["pair_reduction"],
+    list(PAIR_REDUCTIONS),
+    "Contrastive loss: each query's sum over its pairs (the paper's; grows with "
+    "the memory) or mean over its positives + mean over its active negatives.",
+)
 TRIPLET_MARGIN = flags.DEFINE_float(
     "triplet_margin",
     _TRIPLET["margin"],
@@ -100,6 +109,13 @@ TRIPLET_MINING = flags.DEFINE_enum(
     _TRIPLET["mining"],
     ["hard", "semihard"],
     "Triplet loss: negative mining.",
+)
+TRIPLET_PAIR_REDUCTION = flags.DEFINE_enum(
+    "triplet_pair_reduction",
+    _TRIPLET["pair_reduction"],
+    list(PAIR_REDUCTIONS),
+    "Triplet loss: each query's mean over its positives' triplets (sum, the "
+    "default) or over its active, non-zero triplets (mean).",
 )
 MS_ALPHA = flags.DEFINE_float(
     "ms_alpha", _MS["alpha"], "Multi-similarity loss: positive scale alpha (> 0)."
@@ -219,6 +235,7 @@ LOADERS = {
     "quickstart": lambda root, max_per_class: data.load_quickstart(
         max_per_class=max_per_class
     ),
+    "glyphs": lambda root, max_per_class: data.load_glyphs(max_per_class=max_per_class),
     "cub": lambda root, _: data.load_cub(root),
     "cars196": lambda root, _: data.load_cars196(root),
     "sop": lambda root, _: data.load_sop(root),
@@ -227,6 +244,8 @@ LOADERS = {
         root, test_size=VEHICLEID_TEST_SIZE.value
     ),
 }
+# Datasets that install with the package (no --data_dir).
+PACKAGED_DATASETS = ("quickstart", "glyphs")
 TFDS_NAMES = {
     "cub": "caltech_birds2011",
     "cars196": "cars196",
@@ -289,7 +308,7 @@ def check_data_flags() -> None:
         raise FlagError(
             f"--crop_size={CROP.value} is larger than --resize_size={RESIZE.value}"
         )
-    if DATASET.value != "quickstart" and not DATA_DIR.value:
+    if DATASET.value not in PACKAGED_DATASETS and not DATA_DIR.value:
         raise FlagError(f"--dataset={DATASET.value} needs --data_dir")
     if DATA_DIR.value and not os.path.isdir(DATA_DIR.value):
         raise FlagError(f"--data_dir={DATA_DIR.value} is not a folder")

@@ -160,10 +160,13 @@ def build_model() -> XBMContrastiveModel:
         synchronize_batch_norm(embedder)
     losses = {
         "contrastive": lambda: ContrastiveLoss(
-            neg_margin=common.CONTRASTIVE_NEG_MARGIN.value
+            neg_margin=common.CONTRASTIVE_NEG_MARGIN.value,
+            pair_reduction=common.CONTRASTIVE_PAIR_REDUCTION.value,
         ),
         "triplet": lambda: TripletLoss(
-            margin=common.TRIPLET_MARGIN.value, mining=common.TRIPLET_MINING.value
+            margin=common.TRIPLET_MARGIN.value,
+            mining=common.TRIPLET_MINING.value,
+            pair_reduction=common.TRIPLET_PAIR_REDUCTION.value,
         ),
         "multi_similarity": lambda: MultiSimilarityLoss(
             alpha=common.MS_ALPHA.value,

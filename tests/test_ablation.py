@@ -10,9 +10,11 @@ import pytest
 from matplotlib.image import imread
 
 from xbm_tf.ablation import (
+    UNTRAINED_RECALL,
     WITH_MEMORY,
     WITHOUT_MEMORY,
     aggregate,
+    collapsed_runs,
     markdown_report,
     memory_gains,
     plan_runs,
@@ -156,6 +158,24 @@ def test_markdown_report_rows():
     )
     assert "| 16 | 256 | 3 | 0.0400 +- 0.0173 | 3/3 | yes |" in lines
     assert "| 32 | 256 | 1 | -0.0100 | 0/1 | no |" in lines
+
+
+def test_runs_below_the_untrained_network_are_marked_collapsed():
+    rows = [
+        dict(r, run=f"run{i}", **{UNTRAINED_RECALL: "0.5"}) for i, r in enumerate(ROWS)
+    ]
+    rows[4]["recall@1"] = "0.28"  # with memory, batch 16, seed 1
+    rows[6][UNTRAINED_RECALL] = "0.93"  # equal to the untrained: not below
+    assert [r["run"] for r in collapsed_runs(rows)] == ["run4"]
+    lines = markdown_report(rows, ["recall@1"]).splitlines()
+    assert lines[0].endswith("| recall@1 | collapsed |")
+    assert lines[2].endswith("| 0/3 |") and lines[3].endswith("| **1**/3 |")
+    assert (
+        "**Collapsed** (final R@1 below the untrained network's): "
+        "run4 (0.2800 < 0.5000)"
+    ) in lines
+    # Rows without the untrained value: no column, no list.
+    assert "collapsed" not in markdown_report(ROWS, ["recall@1"]).lower()
 
 
 def test_plot_ablation_panels(tmp_path):

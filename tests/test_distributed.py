@@ -281,7 +281,8 @@ def test_two_replicas_keep_identical_bfloat16_memories(mirrored):
 @pytest.mark.slow
 def test_losses_and_weights_match_one_device(mirrored, float32_gap):
     gap = _replica_gap(float32_gap)
-    for key in ("loss", "batch_loss", "xbm_loss", "memory_fill"):
+    keys = ("loss", "batch_loss", "xbm_loss", "neg_similarity", "memory_fill")
+    for key in keys:
         single = mirrored[f"single/history/{key}"]
         np.testing.assert_allclose(
             mirrored[f"mirrored/history/{key}"], single, rtol=gap, atol=gap

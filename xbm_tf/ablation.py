@@ -16,10 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "UNTRAINED_RECALL",
     "WITH_MEMORY",
     "WITHOUT_MEMORY",
     "AblationRun",
     "aggregate",
+    "collapsed_runs",
     "markdown_report",
     "memory_gains",
     "plan_runs",
@@ -28,6 +30,8 @@ __all__ = [
 WITH_MEMORY = "with memory"
 WITHOUT_MEMORY = "without memory"
 _CONDITIONS = (WITHOUT_MEMORY, WITH_MEMORY)
+# A row's Recall@1 of the untrained network (the run's "before" evaluation).
+UNTRAINED_RECALL = "untrained_recall@1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +253,35 @@ def memory_gains(rows: Iterable[Mapping], metrics: Sequence[str]) -> list[dict]:
     return gains
 
 
+def collapsed_runs(rows: Iterable[Mapping]) -> list[Mapping]:
+    """The runs whose final Recall@1 fell below the untrained network's.
+
+    Training that ends below its own starting point has destroyed the embedding
+    (a collapse: see the `neg_similarity` the train step logs), not merely
+    learned less.
+
+    Args:
+        rows: as for `aggregate`; rows without `UNTRAINED_RECALL` or
+            `recall@1` are never marked.
+
+    Returns:
+        The collapsed rows, in their order.
+
+    Example:
+    >>> rows = [{"recall@1": 0.28, UNTRAINED_RECALL: 0.41},
+    ...         {"recall@1": 0.90, UNTRAINED_RECALL: 0.41}]
+    >>> len(collapsed_runs(rows))
+    1
+    """
+    return [
+        row
+        for row in rows
+        if row.get(UNTRAINED_RECALL) not in (None, "")
+        and "recall@1" in row
+        and float(row["recall@1"]) < float(row[UNTRAINED_RECALL])
+    ]
+
+
 def _pm(mean: float, std: float, digits: int) -> str:
     if math.isnan(std):
         return f"{mean:.{digits}f}"
@@ -271,7 +304,10 @@ def markdown_report(
         digits: decimals of the metrics.
 
     Returns:
-        Two Markdown tables as one string.
+        Two Markdown tables as one string; when some rows hold
+        `UNTRAINED_RECALL`, the first table has a `collapsed` column (runs
+        whose final Recall@1 fell below the untrained network's, out of the
+        seeds), and the collapsed runs are listed by name.
 
     Example:
     >>> rows = [dict(condition="without memory", p=4, k=4, memory_size=0, seed=0,
@@ -281,9 +317,13 @@ def markdown_report(
     """
     rows = list(rows)
     timed = all("train_seconds" in r and "steps_per_second" in r for r in rows)
+    checked = any(r.get(UNTRAINED_RECALL) not in (None, "") for r in rows)
+    collapsed = collapsed_runs(rows)
     header = ["batch (P x K)", "memory", "M", "seeds", *metrics]
     if timed:
         header += ["train s", "steps/s"]
+    if checked:
+        header += ["collapsed"]
     lines = [
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + " |",
@@ -304,7 +344,21 @@ def markdown_report(
             seconds = np.mean([float(r["train_seconds"]) for r in group])
             speed = np.mean([float(r["steps_per_second"]) for r in group])
             cells += [f"{seconds:.0f}", f"{speed:.1f}"]
+        if checked:
+            group = by_key[_key(entry)]
+            count = sum(any(r is c for c in collapsed) for r in group)
+            cells.append(f"**{count}**/{len(group)}" if count else f"0/{len(group)}")
         lines.append("| " + " | ".join(cells) + " |")
+    if collapsed:
+        lines += [
+            "",
+            "**Collapsed** (final R@1 below the untrained network's): "
+            + "; ".join(
+                f"{r.get('run', _key(r))} ({float(r['recall@1']):.4f} < "
+                f"{float(r[UNTRAINED_RECALL]):.4f})"
+                for r in collapsed
+            ),
+        ]
     gain_metrics = list(metrics if gain_metrics is None else gain_metrics)
     gains = memory_gains(rows, gain_metrics)
     if gains:

@@ -32,6 +32,10 @@ class XBMContrastiveModel(keras.Model):
     whole global batch and the whole memory: losses, gradients and memory equal
     those of one device trained on the same global batches.
 
+    Besides the losses, each step logs `neg_similarity`, the mean cosine
+    similarity of the global batch's different-class pairs (see
+    `negative_similarity`): it climbs towards 1 when the embeddings collapse.
+
     `call()` returns the L2-normalised float32 embeddings, so `predict` gives
     retrieval features; `test_step` reports the in-batch loss.
 
@@ -132,6 +136,7 @@ class XBMContrastiveModel(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.batch_loss_tracker = keras.metrics.Mean(name="batch_loss")
         self.xbm_loss_tracker = keras.metrics.Mean(name="xbm_loss")
+        self.neg_similarity_tracker = keras.metrics.Mean(name="neg_similarity")
 
     def call(self, inputs, training=False):
         embeddings = ops.cast(
@@ -158,7 +163,8 @@ class XBMContrastiveModel(keras.Model):
                 `xbm_tf.losses.PairLoss`, which replaces it.
             loss_weights: must be None: `xbm_weight` weights the memory loss.
             metrics: must be None; the model logs `loss`, `batch_loss`,
-                `xbm_loss` and `memory_fill`.
+                `xbm_loss`, `neg_similarity`
+                and `memory_fill`.
             weighted_metrics: must be None, as `metrics`.
             **kwargs: the other arguments of `keras.Model.compile` (e.g.
                 `jit_compile`, `steps_per_execution`).
@@ -195,7 +201,12 @@ class XBMContrastiveModel(keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.batch_loss_tracker, self.xbm_loss_tracker]
+        return [
+            self.loss_tracker,
+            self.batch_loss_tracker,
+            self.xbm_loss_tracker,
+            self.neg_similarity_tracker,
+        ]
 
     def compute_losses(self, embeddings, labels, training_step, use_memory=True):
         """The in-batch and memory losses of one (local) batch, with the enqueue.
@@ -274,6 +285,9 @@ class XBMContrastiveModel(keras.Model):
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
+        self.neg_similarity_tracker.update_state(
+            negative_similarity(ops.stop_gradient(embeddings), labels)
+        )
         return self._report(loss, batch_loss, xbm_loss)
 
     def make_train_function(self, force=False):
@@ -366,6 +380,32 @@ class XBMContrastiveModel(keras.Model):
         )
         config["loss"] = keras.saving.deserialize_keras_object(config["loss"])
         return cls(**config)
+
+
+def negative_similarity(embeddings, labels):
+    """The mean cosine similarity of the different-class pairs of the global batch.
+
+    A cheap sign of an embedding collapse: it is near 0 for spread-out random
+    embeddings (a freshly initialised network is often well above it, since its
+    embeddings share a direction), falls as training separates the classes, and
+    climbs towards 1 when the embeddings collapse onto one point, whatever the
+    loss says. Every replica computes it over the whole global batch (the same
+    value as on one device).
+
+    Args:
+        embeddings: `(B, D)` L2-normalised embeddings of this replica's batch.
+        labels: `(B,)` integer labels.
+
+    Returns:
+        A float32 scalar (0 if the batch has a single class).
+    """
+    labels = check_labels(ops.reshape(labels, (-1,)), "labels")
+    all_embeddings, all_labels, _ = _gather_global_batch(embeddings, labels)
+    sim = ops.matmul(all_embeddings, ops.transpose(all_embeddings))
+    different = ops.not_equal(all_labels[:, None], all_labels[None, :])
+    total = ops.sum(ops.where(different, sim, 0.0))
+    count = ops.sum(ops.cast(different, "float32"))
+    return total / ops.maximum(count, 1.0)
 
 
 def _unpack(data):

@@ -41,12 +41,21 @@ def _problem(seed, b=10, m=40, d=8, classes=3):
     return q, ql, k, kl, mask, own
 
 
-def _loss_and_grad(fn, q, ql, k, kl, mask, own, weights, margin=0.3, jit=False):
+def _loss_and_grad(
+    fn, q, ql, k, kl, mask, own, weights, margin=0.3, jit=False, reduction="sum"
+):
     def run(q):
         with tf.GradientTape() as tape:
             tape.watch(q)
             losses = fn(
-                q, ql, k, kl, key_mask=mask, query_key_index=own, neg_margin=margin
+                q,
+                ql,
+                k,
+                kl,
+                key_mask=mask,
+                query_key_index=own,
+                neg_margin=margin,
+                pair_reduction=reduction,
             )
             total = tf.reduce_sum(losses * weights)
         return losses, tape.gradient(total, q)
@@ -57,23 +66,29 @@ def _loss_and_grad(fn, q, ql, k, kl, mask, own, weights, margin=0.3, jit=False):
     return np.asarray(losses), np.asarray(grad)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_equals_contrastive_loss_values_and_gradients(seed, jit, float32_gap):
+def test_equals_contrastive_loss_values_and_gradients(
+    seed, jit, reduction, float32_gap
+):
     q, ql, k, kl, mask, own = _problem(seed)
     weights = np.linspace(0.5, 2.0, len(q)).astype(np.float32)  # upstream grads
     args = (q, ql, k, kl, mask, own, weights)
-    want_l, want_g = _loss_and_grad(contrastive_loss, *args)
-    got_l, got_g = _loss_and_grad(fused_contrastive_loss, *args, jit=jit)
+    want_l, want_g = _loss_and_grad(contrastive_loss, *args, reduction=reduction)
+    got_l, got_g = _loss_and_grad(
+        fused_contrastive_loss, *args, jit=jit, reduction=reduction
+    )
     assert np.all(want_l > 0)
     # Two kernels (and XLA or not) add the same terms in other orders. A loss is
     # a sum of non-negative terms (1 - s, or s > margin) over 40 keys, each an
-    # 8-wide similarity: 49 roundings with the weight, relative to the loss
-    # itself (conftest's float32_gap).
-    np.testing.assert_allclose(got_l, want_l, rtol=float32_gap(49), atol=0)
+    # 8-wide similarity: 49 roundings with the weight, two more with the mean
+    # (the count's reciprocal and its product), relative to the loss itself
+    # (conftest's float32_gap).
+    np.testing.assert_allclose(got_l, want_l, rtol=float32_gap(51), atol=0)
     # A gradient row is w_i sum_j c_ij k_j (c = dL/ds in {-1, 0, 1}): 41
     # roundings, relative to w_i sum_j |c_ij k_j|, as the terms cancel.
-    _, coef = _dense_coefficients(q, ql, k, kl, mask, own, 0.3)
+    _, coef = _dense_coefficients(q, ql, k, kl, mask, own, 0.3, reduction)
     scale = weights[:, None] * (np.abs(coef) @ np.abs(k))
     assert np.all(np.abs(got_g - want_g) <= float32_gap(41) * scale)
 
@@ -100,8 +115,29 @@ def test_hand_derived_gradient_of_a_tiny_case():
     np.testing.assert_allclose(grad, 3.0 * (k[2:3] - k[1:2]), rtol=1e-6, atol=1e-7)
 
 
+def test_hand_derived_gradient_of_a_tiny_case_with_the_mean():
+    # One query e_x; keys: two positives (s = 0.6, 0.0), two hard negatives
+    # (s = 0.8, 0.6), an easy negative (s = 0.1), a masked hard negative.
+    q = np.array([[1.0, 0.0]], np.float32)
+    k = _unit([[0.6, 0.8], [0.0, 1.0], [0.8, 0.6], [0.6, -0.8], [0.1, 0.99498744]])
+    k = np.concatenate([k, k[2:3]])
+    kl = np.array([7, 7, 0, 1, 0, 0])
+    mask = np.array([True, True, True, True, True, False])
+    for fn in (contrastive_loss, fused_contrastive_loss):
+        losses, grad = _loss_and_grad(
+            fn, q, np.array([7]), k, kl, mask, np.array([-1]),
+            np.array([3.0], np.float32), margin=0.5, reduction="mean",
+        )  # fmt: skip
+        # L = ((1 - 0.6) + (1 - 0)) / 2 + (0.8 + 0.6) / 2 = 1.4;
+        # dL/dq = -(k0 + k1) / 2 + (k2 + k3) / 2.
+        np.testing.assert_allclose(losses, [1.4], rtol=1e-6)
+        want = 3.0 * ((k[2] + k[3]) - (k[0] + k[1])) / 2
+        np.testing.assert_allclose(grad, want[None], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_keys_match_float32_within_rounding(dtype):
+def test_half_precision_keys_match_float32_within_rounding(dtype, reduction):
     q, ql, k, kl, mask, own = _problem(3, b=16, m=200, d=16)
     margin = 0.3
     weights = np.ones(len(q), np.float32)
@@ -111,17 +147,27 @@ def test_half_precision_keys_match_float32_within_rounding(dtype):
     near = np.abs(sim - margin) < 0.02
     mask = mask & ~near.any(axis=0)
     want_l, want_g = _loss_and_grad(
-        contrastive_loss, q, ql, k, kl, mask, own, weights, margin
+        contrastive_loss, q, ql, k, kl, mask, own, weights, margin, reduction=reduction
     )
     k_half = tf.cast(k, dtype)
     got_l, got_g = _loss_and_grad(
-        fused_contrastive_loss, q, ql, k_half, kl, mask, own, weights, margin
+        fused_contrastive_loss,
+        q,
+        ql,
+        k_half,
+        kl,
+        mask,
+        own,
+        weights,
+        margin,
+        reduction=reduction,
     )
     # Every term of the sums carries q and k rounded (each <= 2^-9 relative, so
     # |ds| <= 2 * 2^-9 for unit vectors) and s rounded once more (2^-9):
-    # |dL_i| <= 3 * 2^-9 * (terms of query i) < 2^-7 * terms.
+    # |dL_i| <= 3 * 2^-9 * (terms of query i) < 2^-7 * terms, each term
+    # weighted by its |c_ij| (1, or 1 / count with the mean).
     plain = tf.cast(k_half, "float32").numpy()
-    _, coef = _dense_coefficients(q, ql, plain, kl, mask, own, margin)
+    _, coef = _dense_coefficients(q, ql, plain, kl, mask, own, margin, reduction)
     terms = np.abs(coef).sum(axis=1)
     assert np.all(np.abs(got_l - want_l) <= 2.0**-7 * terms + 1e-6)
     # Gradient: sum_j c_ij k_j with k_j rounded (2^-9 relative per component)
@@ -131,8 +177,9 @@ def test_half_precision_keys_match_float32_within_rounding(dtype):
     assert np.abs(got_g - want_g).max() > 0  # the rounding is really there
 
 
-def _dense_coefficients(q, ql, k, kl, mask, own, margin):
-    """dL/ds by a plain loop: -1 positive, +1 hard negative, 0 elsewhere."""
+def _dense_coefficients(q, ql, k, kl, mask, own, margin, reduction="sum"):
+    """dL/ds by a plain loop: -1 positive, +1 hard negative, 0 elsewhere; with
+    the mean, each divided by the query's count of its kind."""
     sim = q @ k.T
     coef = np.zeros_like(sim)
     for i in range(len(q)):
@@ -143,6 +190,10 @@ def _dense_coefficients(q, ql, k, kl, mask, own, margin):
                 coef[i, j] = -1.0
             elif sim[i, j] > margin:
                 coef[i, j] = 1.0
+        if reduction == "mean":
+            for sign in (-1.0, 1.0):
+                kind = coef[i] == sign
+                coef[i, kind] /= max(kind.sum(), 1)
     return sim, coef
 
 
@@ -156,18 +207,22 @@ def test_keys_are_constants_and_bad_dtype_is_named():
         fused_contrastive_loss(q, ql, tf.cast(k, "float64"), kl)
 
 
-def test_memory_pair_loss_routes_contrastive_to_the_fused_loss():
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_memory_pair_loss_routes_contrastive_to_the_fused_loss(reduction):
     q, ql, k, kl, mask, own = _problem(5)
     k_half = tf.cast(k, "bfloat16")
-    got = memory_pair_loss(
-        ContrastiveLoss(neg_margin=0.2), q, ql, k_half, kl, mask, own
+    loss = ContrastiveLoss(neg_margin=0.2, pair_reduction=reduction)
+    got = memory_pair_loss(loss, q, ql, k_half, kl, mask, own)
+    want = fused_contrastive_loss(
+        q, ql, k_half, kl, mask, own, neg_margin=0.2, pair_reduction=reduction
     )
-    want = fused_contrastive_loss(q, ql, k_half, kl, mask, own, neg_margin=0.2)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # Other losses run exactly their own function on the keys as stored.
-    triplet = TripletLoss(margin=0.2, mining="hard")
+    triplet = TripletLoss(margin=0.2, mining="semihard", pair_reduction=reduction)
     got = memory_pair_loss(triplet, q, ql, k_half, kl, mask, own)
-    want = triplet_loss(q, ql, k_half, kl, mask, own, margin=0.2, mining="hard")
+    want = triplet_loss(
+        q, ql, k_half, kl, mask, own, margin=0.2, pair_reduction=reduction
+    )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 

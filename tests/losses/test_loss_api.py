@@ -107,8 +107,8 @@ def test_wrapper_reductions_and_sample_weight():
 # The README's table of defaults, as literals: the functions define them, the
 # classes (constructor, hyper_parameters, get_config) must show the same values.
 DOCUMENTED_DEFAULTS = {
-    "contrastive": {"neg_margin": 0.5},
-    "triplet": {"margin": 0.1, "mining": "semihard"},
+    "contrastive": {"neg_margin": 0.5, "pair_reduction": "sum"},
+    "triplet": {"margin": 0.1, "mining": "semihard", "pair_reduction": "sum"},
     "multi_similarity": {"alpha": 2.0, "beta": 40.0, "threshold": 0.5, "epsilon": 0.1},
 }
 
@@ -152,14 +152,19 @@ def test_class_default_computes_the_function_default(cls, fn):
     want = np.asarray(fn(e, labels, e, labels, query_key_index=index))
     got = cls()(labels, e)
     np.testing.assert_allclose(float(got), float(np.mean(want)), rtol=1e-6)
-    other = {k: v * 0.5 for k, v in hyper_parameters(fn).items() if k != "mining"}
+    choices = ("mining", "pair_reduction")  # string choices: kept
+    other = {k: v * 0.5 for k, v in hyper_parameters(fn).items() if k not in choices}
     moved = np.asarray(fn(e, labels, e, labels, query_key_index=index, **other))
     assert not np.allclose(moved, want)
 
 
 def test_distinct_hyper_parameter_names():
-    assert list(hyper_parameters(contrastive_loss)) == ["neg_margin"]
-    assert list(hyper_parameters(triplet_loss)) == ["margin", "mining"]
+    assert list(hyper_parameters(contrastive_loss)) == ["neg_margin", "pair_reduction"]
+    assert list(hyper_parameters(triplet_loss)) == [
+        "margin",
+        "mining",
+        "pair_reduction",
+    ]
     assert list(hyper_parameters(multi_similarity_loss)) == [
         "alpha",
         "beta",
@@ -188,7 +193,7 @@ def test_hyper_parameters_are_read_only_and_used():
     copy["neg_margin"] = 0.0
     assert loss.neg_margin == 0.5
     ms = MultiSimilarityLoss()
-    assert loss.hyper_parameters == {"neg_margin": 0.5}
+    assert loss.hyper_parameters == {"neg_margin": 0.5, "pair_reduction": "sum"}
     assert ms.epsilon == hyper_parameters(multi_similarity_loss)["epsilon"]
 
 
@@ -214,6 +219,23 @@ def test_names_from_before_the_rename_are_unknown(make, old):
     y = np.array([0, 0, 1, 1, 2, 2])
     with pytest.raises(TypeError, match="margin"):
         contrastive_loss(e, y, e, y, margin=0.1)
+
+
+def test_configs_saved_before_pair_reduction_still_load():
+    # What xbm_tf 0.1.0 wrote into .keras files: no pair_reduction, so "sum".
+    config = {
+        "module": "xbm_tf.losses",
+        "class_name": "ContrastiveLoss",
+        "config": {
+            "name": "contrastive_loss",
+            "reduction": "sum_over_batch_size",
+            "neg_margin": 0.3,
+        },
+        "registered_name": "xbm_tf>ContrastiveLoss",
+    }
+    loss = keras.losses.deserialize(config)
+    assert type(loss).__name__ == "ContrastiveLoss"
+    assert loss.hyper_parameters == {"neg_margin": 0.3, "pair_reduction": "sum"}
 
 
 # --- Custom losses save -----------------------------------------------------------

@@ -34,7 +34,7 @@ def _driver(out: str, args: list[str]) -> None:
     import train
     from absl import flags
 
-    from xbm_tf.retrieval_callback import embed_dataset
+    from xbm_tf.retrieval.callback import embed_dataset
 
     task = 0
     if "TF_CONFIG" in os.environ:

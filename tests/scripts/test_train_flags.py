@@ -56,14 +56,28 @@ def test_loss_flag_defaults_are_the_documented_values(parse, tmp_path):
         (
             ["--loss=contrastive", "--contrastive_neg_margin=0.3"],
             ContrastiveLoss,
-            {"neg_margin": 0.3},
+            {"neg_margin": 0.3, "pair_reduction": "sum"},
+        ),
+        (
+            ["--loss=contrastive", "--contrastive_pair_reduction=mean"],
+            ContrastiveLoss,
+            {"neg_margin": 0.5, "pair_reduction": "mean"},
         ),
         # The triplet loss gets its own default (0.1), not the contrastive's 0.5.
-        (["--loss=triplet"], TripletLoss, {"margin": 0.1, "mining": "semihard"}),
         (
-            ["--loss=triplet", "--triplet_margin=0.2", "--triplet_mining=hard"],
+            ["--loss=triplet"],
             TripletLoss,
-            {"margin": 0.2, "mining": "hard"},
+            {"margin": 0.1, "mining": "semihard", "pair_reduction": "sum"},
+        ),
+        (
+            [
+                "--loss=triplet",
+                "--triplet_margin=0.2",
+                "--triplet_mining=hard",
+                "--triplet_pair_reduction=mean",
+            ],
+            TripletLoss,
+            {"margin": 0.2, "mining": "hard", "pair_reduction": "mean"},
         ),
         (
             [
@@ -84,6 +98,15 @@ def test_each_loss_flag_reaches_its_loss(parse, tmp_path, args, kind, expected):
     model = train.build_model()
     assert type(model.pair_loss) is kind
     assert model.pair_loss.hyper_parameters == expected
+
+
+def test_glyphs_flagfiles_need_no_data_dir(parse, tmp_path):
+    for name in ("glyphs", "glyphs_ablation", "glyphs_memory_sweep"):
+        parse(f"--flagfile=configs/{name}.flags", f"--workdir={tmp_path}")
+        assert FLAGS.dataset == "glyphs" and FLAGS.data_dir is None
+        assert FLAGS.contrastive_pair_reduction == "mean"
+        train.check_train_flags()
+        assert train.build_model().pair_loss.pair_reduction == "mean"
 
 
 @pytest.mark.parametrize(

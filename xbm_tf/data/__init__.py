@@ -11,6 +11,7 @@ from __future__ import annotations
 from xbm_tf.data.augment import TrainAugmentation, eval_transform
 from xbm_tf.data.cars import CARS196_EXPECTED_COUNTS, load_cars196
 from xbm_tf.data.cub import CUB_EXPECTED_COUNTS, load_cub
+from xbm_tf.data.glyphs import load_glyphs
 from xbm_tf.data.inshop import INSHOP_EXPECTED_COUNTS, load_inshop
 from xbm_tf.data.layout import DatasetLayoutError, MissingDatasetFileError
 from xbm_tf.data.pipeline import (
@@ -51,6 +52,7 @@ __all__ = [
     "find_corrupt_images",
     "load_cars196",
     "load_cub",
+    "load_glyphs",
     "load_inshop",
     "load_quickstart",
     "load_sop",

@@ -15,7 +15,11 @@ from keras import ops
 
 from xbm_tf.losses.pairs import check_labels
 
-__all__ = ["PairLoss", "hyper_parameters"]
+__all__ = ["PAIR_REDUCTIONS", "PairLoss", "check_pair_reduction", "hyper_parameters"]
+
+# How a loss combines one query's pair (or triplet) terms; see `contrastive_loss`
+# and `triplet_loss`. "sum" is the paper's and the default.
+PAIR_REDUCTIONS = ("sum", "mean")
 
 SIGNATURE = (
     "query_embeddings",
@@ -42,7 +46,7 @@ def hyper_parameters(fn) -> dict:
     Example:
     >>> from xbm_tf.losses import contrastive_loss
     >>> hyper_parameters(contrastive_loss)
-    {'neg_margin': 0.5}
+    {'neg_margin': 0.5, 'pair_reduction': 'sum'}
     """
     params = list(inspect.signature(fn).parameters.values())
     names = tuple(p.name for p in params[: len(SIGNATURE)])
@@ -53,6 +57,15 @@ def hyper_parameters(fn) -> dict:
         )
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name: p.default for p in params[len(SIGNATURE) :] if p.kind in kinds}
+
+
+def check_pair_reduction(pair_reduction: str) -> str:
+    """`pair_reduction`, or a ValueError naming the choices."""
+    if pair_reduction not in PAIR_REDUCTIONS:
+        raise ValueError(
+            f"pair_reduction must be one of {PAIR_REDUCTIONS}, got {pair_reduction!r}"
+        )
+    return pair_reduction
 
 
 @keras.saving.register_keras_serializable(package="xbm_tf")

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from xbm_tf.losses.base import PairLoss
-from xbm_tf.losses.contrastive import ContrastiveLoss
+from xbm_tf.losses.base import PairLoss, check_pair_reduction
+from xbm_tf.losses.contrastive import ContrastiveLoss, mean_weights
 from xbm_tf.losses.pairs import check_labels, pair_masks
 
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
@@ -61,7 +61,7 @@ def dense_keys(key_embeddings):
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _masked_pass(sim, query_labels, key_labels, key_mask, own, margin):
+def _masked_pass(sim, query_labels, key_labels, key_mask, own, margin, mean):
     """Per-query losses and `dL/ds` from the similarities, in one XLA function.
 
     Args:
@@ -70,6 +70,9 @@ def _masked_pass(sim, query_labels, key_labels, key_mask, own, margin):
         key_mask: bool `(M,)`.
         own: int32 `(B,)`, the key index of each query's own copy (-1: none).
         margin: float32 scalar.
+        mean: Python bool, `pair_reduction == "mean"`: the pair costs and
+            coefficients are scaled by `mean_weights` (1 / the query's number of
+            positives, or of hard negatives).
 
     Returns:
         `(losses (B,) float32, coefficients (B, M) in the dtype of sim)`.
@@ -80,6 +83,9 @@ def _masked_pass(sim, query_labels, key_labels, key_mask, own, margin):
     zero = tf.zeros_like(s)
     cost = tf.where(positive, 1.0 - s, tf.where(hard, s, zero))
     coefficients = tf.where(positive, -1.0, tf.where(hard, 1.0, zero))
+    if mean:  # the counts are piecewise constant in s: dL/ds is scaled alike
+        weights = mean_weights(positive, hard)
+        cost, coefficients = cost * weights, coefficients * weights
     return tf.reduce_sum(cost, axis=1), tf.cast(coefficients, sim.dtype)
 
 
@@ -91,6 +97,7 @@ def fused_contrastive_loss(
     key_mask=None,
     query_key_index=None,
     neg_margin: float = 0.5,
+    pair_reduction: str = "sum",
 ):
     """`contrastive_loss` against constant keys, with a hand-written gradient.
 
@@ -112,6 +119,7 @@ def fused_contrastive_loss(
         query_key_index: optional integer `(B,)`, the index of each query's own copy
             among the keys (excluded); negative for none.
         neg_margin: negatives at or below this similarity cost nothing.
+        pair_reduction: `"sum"` (default) or `"mean"`, as in `contrastive_loss`.
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
@@ -129,6 +137,7 @@ def fused_contrastive_loss(
     >>> round(float(losses[0]), 4)  # positive: 1 - 0.8; hard negative: 0.6 > 0.5
     0.8
     """
+    mean = check_pair_reduction(pair_reduction) == "mean"
     keys = dense_keys(key_embeddings)
     dtype = keys.dtype
     if dtype.name not in MATMUL_DTYPES:
@@ -151,7 +160,7 @@ def fused_contrastive_loss(
     def loss(queries):
         sim = tf.matmul(tf.cast(queries, dtype), keys, transpose_b=True)
         losses, coefficients = _masked_pass(
-            sim, query_labels, key_labels, key_mask, own, margin
+            sim, query_labels, key_labels, key_mask, own, margin, mean
         )
 
         def gradient(upstream):
@@ -197,6 +206,7 @@ def memory_pair_loss(
             key_mask=key_mask,
             query_key_index=query_key_index,
             neg_margin=pair_loss.neg_margin,
+            pair_reduction=pair_loss.pair_reduction,
         )
     return pair_loss.pair_loss(
         query_embeddings,

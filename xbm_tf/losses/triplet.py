@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from xbm_tf.losses.base import PairLoss, hyper_parameters
+from xbm_tf.losses.base import PairLoss, check_pair_reduction, hyper_parameters
 from xbm_tf.losses.pairs import masked_max, masked_min, pair_masks, similarity_matrix
 
 MINING_MODES = ("hard", "semihard")
@@ -22,6 +22,7 @@ def triplet_loss(
     query_key_index=None,
     margin: float = 0.1,
     mining: str = "semihard",
+    pair_reduction: str = "sum",
 ):
     """Per-query triplet loss on cosine similarities.
 
@@ -37,18 +38,27 @@ def triplet_loss(
 
     A query without any positive or without any negative key costs 0.
 
+    `pair_reduction` says how a query's triplets (one per positive with
+    `"semihard"`, one with `"hard"`) combine. `"sum"` (the default) is the loss
+    above, which already divides the sum by the number of positives. `"mean"`
+    divides it by the number of active (non-zero) triplets instead, like
+    pytorch-metric-learning's `AvgNonZeroReducer`: the loss then keeps its scale
+    as more of the triplets become easy. With `mining="hard"` both are the same.
+
     `query_embeddings`, `query_labels`, `key_embeddings`, `key_labels`, `key_mask`
     and `query_key_index` are as in `contrastive_loss`.
 
     Args:
         margin: the required similarity gap between positive and negative.
         mining: `"hard"` or `"semihard"`.
+        pair_reduction: `"sum"` (default) or `"mean"`, as above.
 
     Returns:
         The per-query losses, float32 of shape `(B,)`.
     """
     if mining not in MINING_MODES:
         raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
+    check_pair_reduction(pair_reduction)
     sim = similarity_matrix(query_embeddings, key_embeddings)
     positive, negative = pair_masks(query_labels, key_labels, key_mask, query_key_index)
     has_pos = ops.any(positive, axis=1)
@@ -74,8 +84,12 @@ def triplet_loss(
     chosen_at = ops.where(has_semihard, semihard_at, easiest_at)
     chosen = ops.take_along_axis(neg_sorted, chosen_at, axis=1)
     per_pair = ops.where(positive, ops.relu(chosen - sim + margin), 0.0)
-    num_pos = ops.maximum(ops.sum(ops.cast(positive, "float32"), axis=1), 1.0)
-    loss = ops.sum(per_pair, axis=1) / num_pos
+    if pair_reduction == "mean":
+        counted = ops.logical_and(positive, ops.greater(per_pair, 0.0))
+    else:
+        counted = positive
+    count = ops.maximum(ops.sum(ops.cast(counted, "float32"), axis=1), 1.0)
+    loss = ops.sum(per_pair, axis=1) / count
     return ops.where(usable, loss, 0.0)
 
 
@@ -90,6 +104,9 @@ class TripletLoss(PairLoss):
         margin: the required similarity gap between positive and negative
             (default 0.1).
         mining: `"hard"` or `"semihard"` (default).
+        pair_reduction: `"sum"` (default: each query's mean over its positives'
+            triplets) or `"mean"` (its mean over its active, non-zero triplets);
+            see `triplet_loss`.
         **kwargs: `name`, `reduction` and `dtype`, as in `keras.losses.Loss`.
 
     Example:
@@ -110,8 +127,16 @@ class TripletLoss(PairLoss):
         self,
         margin: float = _DEFAULTS["margin"],
         mining: str = _DEFAULTS["mining"],
+        pair_reduction: str = _DEFAULTS["pair_reduction"],
         **kwargs,
     ):
         if mining not in MINING_MODES:
             raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
-        super().__init__(triplet_loss, margin=margin, mining=mining, **kwargs)
+        check_pair_reduction(pair_reduction)
+        super().__init__(
+            triplet_loss,
+            margin=margin,
+            mining=mining,
+            pair_reduction=pair_reduction,
+            **kwargs,
+        )
