@@ -391,7 +391,8 @@ def screen(image_set: data.ImageSet) -> data.ImageSet:
     if skipped:
         first = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:5])
         print(
-            f"Skipping {len(skipped)} corrupt images of {image_set.name} ({first})",
+            f"Skipping {len(skipped)} corrupt image{'s' * (len(skipped) > 1)} of "
+            f"{image_set.name} ({first})",
             flush=True,
         )
     return kept

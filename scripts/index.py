@@ -73,6 +73,7 @@ _REORDER = flags.DEFINE_integer(
 _SPRITE = flags.DEFINE_bool(
     "sprite", True, "Add the images' sprite to the Projector view."
 )
+flags.declare_key_flag("overwrite")  # listed by --help, not only --helpfull
 
 
 def valid_splits(dataset: str) -> tuple[str, ...]:

@@ -46,7 +46,7 @@ def model_file(tmp_path_factory):
 
 
 def _reported(out: str, split: str) -> bool:
-    line = f"Skipping 1 corrupt images of inshop/{split} ("
+    line = f"Skipping 1 corrupt image of inshop/{split} ("
     return line in out and BAD[split] in out.split(line)[1].splitlines()[0]
 
 
@@ -107,5 +107,5 @@ def test_index_screens_an_images_folder(
         index.run()
     out = capsys.readouterr().out
     bad = os.path.join(inshop, "Img", BAD["gallery"])
-    assert f"Skipping 1 corrupt images of {folder} ({bad}: " in out
+    assert f"Skipping 1 corrupt image of {folder} ({bad}: " in out
     assert "11 images" in out  # 12 files, 1 skipped

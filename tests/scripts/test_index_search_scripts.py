@@ -229,3 +229,9 @@ def test_search_bad_flags(parse, tmp_path):
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(search.FlagError, match="not found: /no/such.png"):
         search.run(["/no/such.png"])
+
+
+@pytest.mark.parametrize("script", [index, search])
+def test_help_lists_overwrite(script):
+    # `--help` shows a script's key flags; --overwrite is one of both.
+    assert "--[no]overwrite" in FLAGS.module_help(script)
