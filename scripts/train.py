@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -340,11 +341,17 @@ def run(extra_callbacks=()) -> dict:
         lost = lost_workers(error) if common.STRATEGY.value == "multiworker" else []
         if not lost:
             raise
-        raise SystemExit(
-            f"error: lost contact with {', '.join(lost)} (it stopped sending "
-            "heartbeats: killed, crashed or cut off). Start every worker again "
-            "with its command: the run resumes from the backups."
-        ) from None
+        print(
+            f"error: lost contact with {', '.join(lost)}: killed, crashed or cut "
+            "off. Start every worker again with its command: the run resumes "
+            "from the backups.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        # At once: TensorFlow's shutdown would wait for the dead worker (tens of
+        # seconds); the backups on disk are complete (written atomically).
+        os._exit(1)
     # The callback already embedded the test split after the last epoch, if it
     # evaluated then: reuse those embeddings rather than embed it again.
     last = evaluation.last_epoch_embeddings
