@@ -5,11 +5,12 @@ with one epoch per 20 steps (so log.csv has a row every 20 steps):
 
   for reduction in sum mean; do
     python scripts/train.py --flagfile configs/glyphs.flags \
-        --contrastive_pair_reduction=$reduction --workdir=runs/glyphs_$reduction \
+        --p=4 --k=4 --memory_size=2048 --xbm_start_step=200 \
+        --contrastive_pair_reduction=$reduction --workdir=runs/glyphs_k4_$reduction \
         --steps_per_epoch=20 --eval_every_epochs=1000 \
         --drift_every_steps=20 --drift_deltas=20,100,300 --drift_probes=250
   done
-  python docs/incoming/issue16_figure.py runs/glyphs_sum runs/glyphs_mean \
+  python docs/incoming/issue16_figure.py runs/glyphs_k4_sum runs/glyphs_k4_mean \
       docs/glyphs_collapse.png
 """
 
@@ -28,7 +29,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 def _read(run_dir: str) -> dict[str, list[float]]:
     with open(os.path.join(run_dir, "log.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    columns = {key: [float(r[key]) for r in rows] for key in rows[0]}
+    columns = {
+        key: [float(r[key]) if r[key] not in ("", "NA") else float("nan") for r in rows]
+        for key in rows[0]
+    }
     steps_per_row = 20
     columns["step"] = [(int(e) + 1) * steps_per_row for e in columns["epoch"]]
     return columns
@@ -62,7 +66,8 @@ def main(collapsed: str, healthy: str, out: str) -> None:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        "glyphs, batch 16, memory 2,048 from step 200 (dotted); lr drop at 700 (dashed)"
+        "glyphs, batch 16 (4 x 4), memory 2,048 rows from step 200 (dotted); "
+        "learning rate / 10 at step 700 (dashed)"
     )
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -67,6 +67,10 @@ def test_two_runs_write_all_files_and_a_restart_skips_them(
         assert set(saved) <= set(row)
         for key, value in saved.items():
             assert float(row[key]) == pytest.approx(value, abs=1e-6)
+        # The untrained network's R@1 (the "before" evaluation), for ablation.md.
+        before = json.load(open(workdir / row["run"] / "retrieval.json"))["before"]
+        untrained = float(row["untrained_recall@1"])
+        assert untrained == pytest.approx(before["recall@1"], abs=1e-6)
         timing = json.load(open(workdir / row["run"] / "timing.json"))
         assert timing["steps"] == 6  # the same number of steps in each condition
     # Without memory is --xbm_weight=0; with memory keeps the flagfile's weight.
@@ -82,6 +86,7 @@ def test_two_runs_write_all_files_and_a_restart_skips_them(
     assert "| 8 (2 x 4) | without memory | - | 1 |" in md
     assert "| 8 (2 x 4) | with memory | 40 | 1 |" in md
     assert "| 8 | 40 | 1 |" in md  # the gain table
+    assert "| steps/s | collapsed |" in md
     assert (workdir / "ablation.png").stat().st_size > 5000
     capsys.readouterr()
 

@@ -30,11 +30,11 @@ Recipe (every step is in this module; nothing is cached on disk):
    class's side depends on its code point only, not on which other classes
    survived step 3.
 
-Labels are the code points (`chr(label)` is the character). With Pillow 12-13
-(FreeType 2.13-2.14) and matplotlib 3.8-3.11, 727 characters are common to the
-faces and 500 survive the look-alike rule: 263 train classes (4,208
-images) and 237 test classes (3,792 images) (`tests/data/test_glyphs.py` checks
-the bounds, not the exact count).
+Labels are the code points (`chr(label)` is the character). With Pillow 13.0
+(FreeType 2.14.3) and matplotlib 3.11.2, 727 characters are common to the faces
+and 500 survive the look-alike rule: 263 train classes (4,208 images) and 237
+test classes (3,792 images) (`tests/data/test_glyphs.py` checks the bounds, not
+the exact count).
 
 Identical run to run: everything (the same library versions render the same
 pixels; the rule and the split have no randomness). What can change with the
