@@ -64,7 +64,7 @@ def _flagfile_options(path: Path, seen: set[Path]) -> set[str]:
     return found
 
 
-def tested_flags() -> set[str]:
+def flags_tests_pass() -> set[str]:
     """The flags the tests pass: in their strings, or in the flagfiles they pass."""
     found, seen = set(), set()
     for path in sorted((ROOT / "tests").rglob("*.py")):
@@ -80,7 +80,7 @@ def tested_flags() -> set[str]:
 
 def test_every_script_flag_is_passed_by_a_test():
     defined = script_flags()
-    untested = sorted(set(defined) - tested_flags() - set(EXEMPT))
+    untested = sorted(set(defined) - flags_tests_pass() - set(EXEMPT))
     assert not untested, (
         "These flags are passed to a script by no test: "
         + ", ".join(f"--{name} ({defined[name]}.py)" for name in untested)
@@ -93,7 +93,7 @@ def test_every_script_flag_is_passed_by_a_test():
 def test_exemptions_are_flags_and_still_needed():
     defined = script_flags()
     assert set(EXEMPT) <= set(defined), set(EXEMPT) - set(defined)
-    stale = sorted(set(EXEMPT) & tested_flags())
+    stale = sorted(set(EXEMPT) & flags_tests_pass())
     assert not stale, f"exempt, but a test passes them now: remove {stale} from EXEMPT"
 
 
