@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_losses import _pairs  # the reference loops' pair lists
 
 from xbm_tf.losses import (
     ContrastiveLoss,
@@ -31,14 +32,6 @@ def _problem(seed, b=12, m=40, d=4, classes=4):
     own = rng.permutation(m)[:b].astype(np.int32)
     own[::3] = -1
     return q, ql, k, kl, mask, own
-
-
-def _pairs(i, ql, kl, mask, own):
-    pos, neg = [], []
-    for j in range(len(kl)):
-        if mask[j] and j != own[i]:
-            (pos if kl[j] == ql[i] else neg).append(j)
-    return pos, neg
 
 
 def reference_contrastive_mean(q, ql, k, kl, mask, own, margin):

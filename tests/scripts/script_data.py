@@ -1,9 +1,11 @@
-"""Datasets in their real layouts for the script tests, from quickstart images."""
+"""For the script tests: datasets in their real layouts, from quickstart images,
+and a callback that interrupts a run as a kill would."""
 
 from __future__ import annotations
 
 import os
 
+import keras
 import numpy as np
 
 
@@ -52,3 +54,15 @@ def write_inshop(root, corrupt=()) -> str:
 # The flags that put the smoke config on a write_inshop folder (R@K as In-Shop's
 # protocol allows on 12 gallery images).
 INSHOP_ARGS = ("--dataset=inshop", "--recall_ks=1,2,4,8")
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Interrupts the run after a given optimizer step (a killed process)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations) == self.step:
+            raise KeyboardInterrupt("simulated kill")

@@ -33,7 +33,7 @@ import evaluate  # noqa: E402
 import index  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
-from script_data import INSHOP_ARGS, write_inshop  # noqa: E402
+from script_data import INSHOP_ARGS, StopAfter, write_inshop  # noqa: E402
 
 from xbm_tf import MultiSimilarityLoss, TripletLoss, data  # noqa: E402
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
@@ -211,22 +211,12 @@ def test_train_option_finishes_exports_and_evaluate_agrees(
             assert not (workdir / "backup").exists()
 
 
-class _StopAfter(keras.callbacks.Callback):
-    def __init__(self, step):
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) == self.step:
-            raise KeyboardInterrupt("simulated kill")
-
-
 def test_xla_keras_cv_run_resumes_with_its_warning(parse, tmp_path, capsys):
     workdir = tmp_path / "run"
     args = ["--jit_compile=true", "--augmentation=keras_cv", "--steps=6"]
     parse(f"--workdir={workdir}", *args)
     with pytest.raises(KeyboardInterrupt):
-        train.run(extra_callbacks=[_StopAfter(4)])
+        train.run(extra_callbacks=[StopAfter(4)])
     capsys.readouterr()
     seen = _Model()
     after = train.run(extra_callbacks=[seen])

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import train  # noqa: E402
+from script_data import StopAfter  # noqa: E402
 
 from xbm_tf import ContrastiveLoss, MultiSimilarityLoss, TripletLoss  # noqa: E402
 from xbm_tf.terminate_on_nonfinite import (  # noqa: E402
@@ -230,18 +231,6 @@ def _with_extra(make_callbacks, extra):
     return wrapped
 
 
-class _StopAfter(keras.callbacks.Callback):
-    """Interrupts the run after a given optimizer step (a killed process)."""
-
-    def __init__(self, step):
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) == self.step:
-            raise KeyboardInterrupt("simulated kill")
-
-
 class _PoisonAfter(keras.callbacks.Callback):
     """Fills the memory with NaN after a given optimizer step."""
 
@@ -262,7 +251,7 @@ def test_nonfinite_loss_after_a_mid_epoch_resume_names_the_true_step(
     # 3 epochs of 3 steps, a backup every 2 steps; killed after step 5.
     parse(f"--workdir={workdir}", "--steps=9", "--backup_every_steps=2")
     with pytest.raises(KeyboardInterrupt):
-        train.run(extra_callbacks=[_StopAfter(5)])
+        train.run(extra_callbacks=[StopAfter(5)])
     assert sorted(p.name for p in (workdir / "backup").iterdir()) == ["step_000000004"]
     # Resumed at step 4: a first fit of 2 steps (5, 6) finishes epoch 2. The
     # memory is poisoned after step 5, so step 6's memory loss is NaN.
