@@ -10,7 +10,7 @@ with one epoch per 20 steps (so log.csv has a row every 20 steps):
         --steps_per_epoch=20 --eval_every_epochs=1000 \
         --drift_every_steps=20 --drift_deltas=20,100,300 --drift_probes=250
   done
-  python docs/incoming/issue16_figure.py runs/glyphs_k4_sum runs/glyphs_k4_mean \
+  python docs/figures/glyphs_collapse.py runs/glyphs_k4_sum runs/glyphs_k4_mean \
       docs/glyphs_collapse.png
 """
 
