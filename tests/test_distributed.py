@@ -63,7 +63,7 @@ def _mirrored_checks(out: Path) -> None:
     except ValueError as error:
         res["odd_batch_error"] = str(error)
 
-    def build(seed, memory_dtype="float32"):
+    def build(seed, memory_dtype="float32", loss=None):
         keras.utils.set_random_seed(seed)
         embedder = keras.Sequential(
             [
@@ -81,13 +81,14 @@ def _mirrored_checks(out: Path) -> None:
             memory_size=MEMORY,
             xbm_start_step=WARMUP,
             memory_dtype=memory_dtype,
+            loss=loss,
         )
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
         return model
 
-    def in_scope(seed, memory_dtype="float32"):
+    def in_scope(seed, memory_dtype="float32", loss=None):
         with strategy.scope():
-            model = build(seed, memory_dtype)
+            model = build(seed, memory_dtype, loss)
             model(x[:1])  # build the variables
         return model
 
@@ -138,6 +139,17 @@ def _mirrored_checks(out: Path) -> None:
         model.fit(train, epochs=EPOCHS, verbose=0, shuffle=False)
         save_state(prefix, model)
         res[f"{prefix}/decoded"] = tf.cast(model.memory.read()[0], "float32").numpy()
+
+    # pair_reduction="mean": each query's counts are over the global batch and
+    # the memory, so two replicas give one device's losses and weights.
+    from xbm_tf import ContrastiveLoss
+
+    for prefix, model in (
+        ("single_mean", build(0, loss=ContrastiveLoss(pair_reduction="mean"))),
+        ("mirrored_mean", in_scope(0, loss=ContrastiveLoss(pair_reduction="mean"))),
+    ):
+        history = model.fit(train, epochs=EPOCHS, verbose=0, shuffle=False)
+        save_state(prefix, model, history.history)
 
     # Evaluation ending on a partial batch of 5 rows, split 3 + 2 over replicas.
     xe, ye = _data(61, seed=3)
@@ -257,6 +269,28 @@ def test_two_replicas_keep_identical_memories_equal_to_one_device(
     assert np.all(np.linalg.norm(copies[0], axis=1) > 0.99)  # every row written
     gap = _replica_gap(float32_gap)
     _assert_memory(mirrored, "mirrored", rtol=gap, atol=gap)
+
+
+@pytest.mark.slow
+def test_the_mean_pair_reduction_matches_one_device(mirrored):
+    for key in ("loss", "batch_loss", "xbm_loss", "neg_similarity"):
+        np.testing.assert_allclose(
+            mirrored[f"mirrored_mean/history/{key}"],
+            mirrored[f"single_mean/history/{key}"],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    assert mirrored["single_mean/history/xbm_loss"][-1] > 0
+    # The mean is not the sum: a different scale, so different losses.
+    assert not np.allclose(
+        mirrored["single_mean/history/loss"], mirrored["single/history/loss"]
+    )
+    np.testing.assert_allclose(
+        mirrored["mirrored_mean/weights"],
+        mirrored["single_mean/weights"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow
