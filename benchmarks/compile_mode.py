@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 import time
 
@@ -122,6 +123,21 @@ def _ms(values) -> str:
     return f"{np.median(values):.1f} [{values.min():.1f}-{values.max():.1f}]"
 
 
+def _cpu() -> str:
+    """The CPU's model name and its bfloat16 flags (AVX-512 BF16, AMX), from
+    /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            text = cpuinfo.read()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
+    found = set(flags.group(1).split()) if flags else set()
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in found] or ["no bf16 dot"]
+    return f"{name.group(1).strip() if name else 'unknown'}, {', '.join(bf16)}"
+
+
 def main(argv):
     del argv
     unknown = set(_MODELS.value) - set(SETTINGS)
@@ -140,7 +156,7 @@ def main(argv):
             flush=True,
         )
     print(
-        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or 'unknown'}), "
+        f"Machine: {os.cpu_count()} CPUs ({_cpu()}), "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, memory "
         f"{_MEMORY_DTYPE.value}. Load average {load_before:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after."

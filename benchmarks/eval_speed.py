@@ -238,7 +238,7 @@ def main():
         ratios = [d / f for d, f in zip(walls["default"], walls["floor"])]
         print(
             f"default / floor per round: median {np.median(ratios):.2f}x "
-            f"[{min(ratios):.2f}-{max(ratios):.2f}] (target <= 1.5x)"
+            f"[{min(ratios):.2f}-{max(ratios):.2f}] (target <= 1.2x)"
         )
     print(f"load average after: {load_after}")
 

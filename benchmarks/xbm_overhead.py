@@ -470,6 +470,13 @@ def _machine() -> dict:
             cpu = match.group(1).strip()
     except OSError:
         pass
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            found = set(cpuinfo.read().split())
+        bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in found]
+        cpu += ", " + (", ".join(bf16) or "no bf16 dot")
+    except OSError:
+        pass
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
