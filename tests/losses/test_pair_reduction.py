@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_losses import _pairs  # the reference loops' pair lists
+from test_losses import _pairs, _random_problem, _unit
 
 from xbm_tf.losses import (
     ContrastiveLoss,
@@ -17,21 +17,9 @@ from xbm_tf.losses import (
 )
 
 
-def _unit(x):
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _problem(seed, b=12, m=40, d=4, classes=4):
-    rng = np.random.default_rng(seed)
-    q = _unit(rng.normal(size=(b, d)))
-    k = _unit(rng.normal(size=(m, d)))
-    ql = rng.integers(0, classes, b)
-    kl = rng.integers(0, classes, m)
-    mask = rng.random(m) > 0.2
-    own = rng.permutation(m)[:b].astype(np.int32)
-    own[::3] = -1
-    return q, ql, k, kl, mask, own
+def _problem(seed):
+    """A random problem with up to 40 keys in 4 dimensions."""
+    return _random_problem(seed, m=40, d=4)
 
 
 def reference_contrastive_mean(q, ql, k, kl, mask, own, margin):
