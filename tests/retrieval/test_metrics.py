@@ -352,6 +352,43 @@ def test_rank_counting_band_and_fallback(monkeypatch):
         assert ev.recall_at_k(x, y, ks=ks, backend=backend) == recall
 
 
+def _ranks_in_order(scores, ql, gl, loo):
+    """First same-class place per query, candidates by (-score, index)."""
+    ranks = []
+    for i, row in enumerate(scores):
+        cands = np.array([j for j in range(len(gl)) if not (loo and j == i)])
+        order = cands[np.lexsort((cands, -row[cands]))]
+        hits = np.flatnonzero(gl[order] == ql[i])
+        ranks.append(hits[0] if hits.size else -1)
+    return np.array(ranks)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("loo", [True, False])
+def test_rank_counting_is_exact_where_float32_rounding_reorders(
+    near_duplicates, loo, dense, monkeypatch
+):
+    # 512-d near-duplicates in mixed classes: each group's exact scores lie
+    # closer together than a float32 matmul's rounding, so a count that trusted
+    # the matmul's order near a query's best same-class score (a band too
+    # narrow) would get places wrong. Both ways of counting a block: only the
+    # scores that pass (sparse), or every score (dense, after a block of 2 rows
+    # with any score above its threshold).
+    monkeypatch.setattr(counting, "_DENSE", 10**12 if dense else 1)
+    monkeypatch.setattr(counting, "_ROWS_AT_ONCE", 2)
+    x = near_duplicates(40, 512, seed=5, copies=3)
+    y = np.random.default_rng(5).integers(0, 30, len(x))
+    q, ql, g, gl = (x, y, x, y) if loo else (x[:60], y[:60], x[60:], y[60:])
+    exact = q.astype(np.float64) @ g.astype(np.float64).T  # gaps >> 1e-13
+    want = _ranks_in_order(exact, ql, gl, loo)
+    rounded = _ranks_in_order(q @ g.T, ql, gl, loo)
+    assert np.count_nonzero(rounded != want) >= 3  # float32 does reorder here
+    args = (q, ql) if loo else (q, ql, g, gl)
+    for block_size in (None, 16):
+        got = ev.first_correct_ranks(*args, block_size=block_size)
+        np.testing.assert_array_equal(got, want)
+
+
 def _slow_first_correct_ranks(q, ql, g=None, gl=None):
     """Per query: sort the candidates by (-exact score, index), find its class."""
     loo = g is None
@@ -377,6 +414,11 @@ def test_first_correct_ranks_match_a_slow_loop(clustered, monkeypatch, huge_clas
     y[7] = 99  # a class of one: never correct
     ranks = ev.first_correct_ranks(x, y, block_size=32)
     np.testing.assert_array_equal(ranks, _slow_first_correct_ranks(x, y))
+    monkeypatch.setattr(counting, "_ROWS_AT_ONCE", 2)
+    for dense in (1, 10**12):  # count every block sparsely, then densely
+        monkeypatch.setattr(counting, "_DENSE", dense)
+        got = ev.first_correct_ranks(x, y, block_size=32)
+        np.testing.assert_array_equal(got, ranks)
     assert ranks[7] == -1 and ranks.max() > 3  # some queries are hard
     for k, recall in ev.recall_at_k(x, y, ks=(1, 4)).items():
         assert recall == np.count_nonzero((ranks >= 0) & (ranks < k)) / len(y)

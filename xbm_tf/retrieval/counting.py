@@ -14,13 +14,14 @@ same for equal vectors wherever they sit in the gallery. So `"exact_rank"`
 (`count_first_hit_ranks`) and the list engines (`ranks_from_lists`) agree exactly.
 
 `count_first_hit_ranks` is one blocked float32 matmul pass in TensorFlow (oneDNN
-GEMM), each block counted in numpy while TensorFlow computes the next; under
+GEMM), each block then counted in numpy by one thread per CPU; under
 leave-one-out only the upper triangle of the symmetric similarity matrix is
 computed, each block counting for its rows and for its columns.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,6 +35,10 @@ NO_HIT = np.iinfo(np.int64).max
 DEFAULT_BLOCK_SIZE = 1024
 # Above this many same-class pairs per query, rank counting falls back to search.
 MAX_PAIRS_PER_QUERY = 256
+# Rows counted per numpy call, and the share of scores above a threshold from
+# which a block is counted densely (see `count_first_hit_ranks`).
+_ROWS_AT_ONCE = 16
+_DENSE = 64
 
 
 def _canonical_scores(query: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -45,20 +50,27 @@ def _canonical_scores(query: np.ndarray, items: np.ndarray) -> np.ndarray:
     return (items.astype(np.float64) * query.astype(np.float64)).sum(axis=1)
 
 
-def first_hit_ranks(q, g, q_codes, g_codes, rows, leave_one_out, band, chunk=256):
+def first_hit_ranks(
+    q, g, q_codes, g_codes, rows, leave_one_out, band, chunk=256, g_tensor=None
+):
     """Exact 0-based rank of the best same-class item, for the queries `rows`.
 
-    The float32 scores of a query's row select every candidate whose exact score
-    may reach its best same-class score (within twice the rounding band); these
-    are re-scored in float64, pair by pair, and counted: larger scores, and equal
+    The float32 scores of a query's row, against `top` (its best same-class
+    float32 score), sort the candidates: above `top + 2 * band` the exact score
+    is surely larger than the best same-class one (counted as such); within
+    `top +- 2 * band` it may be larger, equal or smaller, so these are
+    re-scored in float64, pair by pair, and counted: larger scores, and equal
     scores at lower indices. Every query in `rows` must have a same-class item.
+    `g_tensor`: `g` as a tensor already, if the caller has one (saves a copy).
     """
     order = np.argsort(g_codes, kind="stable")  # members by increasing index
     sorted_codes = g_codes[order]
     ranks = np.empty(len(rows), np.int64)
+    g_t = tf.constant(g) if g_tensor is None else g_tensor
     for start in range(0, len(rows), chunk):
         sub = rows[start : start + chunk]
-        sims = q[sub] @ g.T
+        # TensorFlow's GEMM: these scores only select the candidates.
+        sims = np.asarray(tf.matmul(tf.constant(q[sub]), g_t, transpose_b=True))
         for i, row in enumerate(sub):
             code = q_codes[row]
             lo, hi = np.searchsorted(sorted_codes, [code, code + 1])
@@ -66,15 +78,22 @@ def first_hit_ranks(q, g, q_codes, g_codes, rows, leave_one_out, band, chunk=256
             scores = sims[i]
             if leave_one_out:
                 members = members[members != row]
-                scores[row] = -np.inf
             top = scores[members].max()
-            cand = np.flatnonzero(scores >= top - 2.0 * band[row])
+            clear = np.count_nonzero(scores > top + 2.0 * band[row])
+            cand = np.flatnonzero(
+                (scores >= top - 2.0 * band[row]) & (scores <= top + 2.0 * band[row])
+            )
+            if leave_one_out:
+                clear -= scores[row] > top + 2.0 * band[row]
+                cand = cand[cand != row]
             exact = _canonical_scores(q[row], g[cand])
             member = g_codes[cand] == code
             best = exact[member].max()
             j = cand[member & (exact == best)].min()
-            ranks[start + i] = np.count_nonzero(exact > best) + np.count_nonzero(
-                (exact == best) & (cand < j)
+            ranks[start + i] = (
+                clear
+                + np.count_nonzero(exact > best)
+                + np.count_nonzero((exact == best) & (cand < j))
             )
     return ranks
 
@@ -123,9 +142,11 @@ def ranks_from_lists(q, g, q_codes, g_codes, idx, scores, r, loo, max_k, exact):
 def best_same_class(q, g, q_codes, g_codes, leave_one_out, chunk=65536):
     """Best same-class score per query (self excluded), `-inf` if there is none.
 
-    Scores come from per-pair dot products, so they may differ from a matmul's by
-    rounding; `count_first_hit_ranks` allows for that. Returns `None` if the
-    classes are so large that the pairs would cost more than the matmul.
+    Scores are per-pair float64 dot products (of the float32 vectors): within
+    about `dim * 2**-53` of the exact ones, so the float32 rounding of a
+    matmul's score is the only gap `count_first_hit_ranks` allows for. Returns
+    `None` if the classes are so large that the pairs would cost more than the
+    matmul.
     """
     counts = np.bincount(g_codes, minlength=int(q_codes.max()) + 1)
     per_query = counts[q_codes]
@@ -135,14 +156,14 @@ def best_same_class(q, g, q_codes, g_codes, leave_one_out, chunk=65536):
     order = np.argsort(g_codes, kind="stable")
     class_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     if leave_one_out:  # classes of equal size at once: (C, s, dim) @ (C, dim, s)
-        best = np.full(len(q), -np.inf, np.float32)
+        best = np.full(len(q), -np.inf)
         for size in np.unique(counts[counts > 1]):
             classes = np.flatnonzero(counts == size)
             step = max(1, chunk // (size * size))
             for c0 in range(0, len(classes), step):
                 cls = classes[c0 : c0 + step]
                 members = order[class_start[cls][:, None] + np.arange(size)]
-                emb = g[members]
+                emb = g[members].astype(np.float64)
                 sims = np.matmul(emb, emb.transpose(0, 2, 1))
                 sims[:, np.arange(size), np.arange(size)] = -np.inf
                 best[members] = sims.max(axis=2)
@@ -151,11 +172,15 @@ def best_same_class(q, g, q_codes, g_codes, leave_one_out, chunk=65536):
     pair_offset = np.concatenate([[0], np.cumsum(per_query)[:-1]])
     within = np.arange(total) - np.repeat(pair_offset, per_query)
     member = order[class_start[q_codes[query_of_pair]] + within]
-    scores = np.empty(total, np.float32)
+    scores = np.empty(total)
     for start in range(0, total, chunk):
         sl = slice(start, start + chunk)
-        scores[sl] = np.einsum("ij,ij->i", q[query_of_pair[sl]], g[member[sl]])
-    best = np.full(len(q), -np.inf, np.float32)
+        scores[sl] = np.einsum(
+            "ij,ij->i",
+            q[query_of_pair[sl]].astype(np.float64),
+            g[member[sl]].astype(np.float64),
+        )
+    best = np.full(len(q), -np.inf)
     has = per_query > 0
     if has.any():
         best[has] = np.maximum.reduceat(scores, pair_offset[has])
@@ -170,91 +195,162 @@ def _block_scores(q, g, start, stop, leave_one_out):
     return tf.matmul(q[start:stop], gallery, transpose_b=True)
 
 
-def block_pass(q, g, leave_one_out, block_size, count):
-    """Calls `count(sims, start, stop)` for every block of the blocked matmul.
+def _num_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
-    TensorFlow computes block i + 1 while a worker thread runs `count` on block i
-    (numpy releases the GIL), so the counting overlaps the GEMM.
+
+def block_pass(q, g, leave_one_out, block_size, count, threads=None):
+    """Yields `count(sims, start, stop, rows)` for every block of the matmul.
+
+    Each block is counted after its matmul, its rows (`rows`, a slice of the
+    block) split among `threads` threads (default: one per CPU; numpy releases
+    the GIL); the calls' results come block by block, part by part. Counting
+    one block while TensorFlow computes the next was no faster (measured on 2
+    cores): the GEMM already keeps every core busy.
     """
-    q_t = tf.constant(q)
-    g_t = q_t if leave_one_out else tf.constant(g)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
+    threads = threads or _num_threads()
+    q_t = tf.convert_to_tensor(q)  # a no-op for tensors
+    g_t = q_t if leave_one_out else tf.convert_to_tensor(g)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for start in range(0, len(q), block_size):
             stop = min(start + block_size, len(q))
-            sims = _block_scores(
-                q_t, g_t, tf.constant(start), tf.constant(stop), leave_one_out
-            ).numpy()
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(count, sims, start, stop)
-        pending.result()
+            # np.asarray shares the tensor's buffer (.numpy() would copy it).
+            sims = np.asarray(
+                _block_scores(
+                    q_t, g_t, tf.constant(start), tf.constant(stop), leave_one_out
+                )
+            )
+            bounds = np.linspace(0, stop - start, threads + 1).astype(int)
+            parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            yield from pool.map(lambda rows: count(sims, start, stop, rows), parts)
 
 
 def count_first_hit_ranks(q, g, q_codes, g_codes, leave_one_out, block_size):
     """Exact 0-based rank of every query's best same-class item, by counting.
 
     One blocked float32 matmul pass (`block_pass`) counts, per query, the
-    candidates scoring above its best same-class score `b`, outside a band
-    `b +- eps` that covers float32 rounding (`inputs.score_band`). Where the band
-    holds exactly one score, that is the best same-class item and the count is
-    its rank whatever the rounding; the few queries with other scores in the band
-    are ranked by `first_hit_ranks`. No top-k is selected, so Recall@K for every
-    K costs one pass. Returns `None` (use a search) if the classes are too large
-    for `best_same_class`.
+    candidates scoring above its best same-class score `b` (float64, per pair),
+    outside a band `b +- eps` that covers the float32 rounding of the matmul
+    (half of `inputs.score_band`, which bounds the gap between two float32
+    kernels). Where the band holds exactly one score, that is the best
+    same-class item and the count is its rank whatever the rounding; the few
+    queries with other scores in the band are ranked by `first_hit_ranks`. No
+    top-k is selected, so Recall@K for every K costs one pass. Returns `None`
+    (use a search) if the classes are too large for `best_same_class`.
     """
     best = best_same_class(q, g, q_codes, g_codes, leave_one_out)
     if best is None:
         return None
     has = np.isfinite(best)
     band = inputs.score_band(q, g)
-    # Round the band outwards so that float32 thresholds still contain it.
-    lo = np.nextafter((best - band).astype(np.float32), np.float32(-np.inf))
-    hi = np.nextafter((best + band).astype(np.float32), np.float32(np.inf))
+    # One float32 kernel against float64 sums: half the band, and a margin
+    # for the float64 rounding of `best` (under dim * 2**-53, that is under
+    # 2**-29 of the half band). Rounded outwards, so that float32 thresholds
+    # still contain it.
+    reach = 0.5 * band * (1.0 + 2.0**-28)
+    lo = np.nextafter((best - reach).astype(np.float32), np.float32(-np.inf))
+    hi = np.nextafter((best + reach).astype(np.float32), np.float32(np.inf))
     lo[~has] = hi[~has] = np.inf
     above = np.zeros(len(q), np.int64)  # scores > hi
     over_lo = np.zeros(len(q), np.int64)  # scores > lo
-    mask = np.empty(g.shape[0], np.bool_)
 
-    def count(sims, start, stop):
-        # Row by row: each comparison's mask (one row, 60,502 bytes at SOP
-        # scale) stays in cache for the count that reads it, and a 1-D
-        # count_nonzero is numpy's fast path; the whole-block masks and axis
-        # sums ran 3x slower, and bound the pass on a fast GEMM.
+    def count(sims, start, stop, rows):
+        # One comparison per score and side, with `lo`. Scores above a query's
+        # best same-class score are rare after any training (the mean rank is
+        # a few places), so the few that pass are found with `flatnonzero` and
+        # compared with `hi` there; where many pass (a poor model: random
+        # vectors have mean ranks in the thousands), all are compared with
+        # `hi` too, so the cost stays bounded. 16 rows at a time: longer numpy
+        # calls let two threads share the GIL (4 rows ran 1.3x slower at SOP
+        # scale). The rows' own counts are written in place (each row belongs
+        # to one call); the columns' counts are returned.
         width = stop - start
         # Under leave-one-out the strip starts at column `start`: its first
         # `width` columns are the rows' own square (self on the diagonal, not a
         # candidate); the columns after it get these rows (earlier rows were
-        # counted by earlier strips). Their counts add up in uint8, flushed
-        # before they can wrap.
+        # counted by earlier strips).
         columns = slice(stop, None) if leave_one_out else slice(0, 0)
-        hi_c, lo_c = hi[columns], lo[columns]
-        pending = np.zeros((2, hi_c.size), np.uint8)
-        for r in range(width):
-            row, i = sims[r], start + r
-            np.greater(row, hi[i], out=mask[: row.size])
-            above[i] += np.count_nonzero(mask[: row.size])
-            np.greater(row, lo[i], out=mask[: row.size])
-            over_lo[i] += np.count_nonzero(mask[: row.size])
-            if leave_one_out:
-                rest, rest_mask = row[width:], mask[: hi_c.size]
-                for k, thresholds in enumerate((hi_c, lo_c)):
-                    np.greater(rest, thresholds, out=rest_mask)
-                    np.add(pending[k], rest_mask.view(np.uint8), out=pending[k])
-                if r % 255 == 254 or r == width - 1:
-                    above[columns] += pending[0]
-                    over_lo[columns] += pending[1]
-                    pending[:] = 0
-        if leave_one_out:
-            self_scores = sims[np.arange(width), np.arange(width)]
-            above[start:stop] -= self_scores > hi[start:stop]
-            over_lo[start:stop] -= self_scores > lo[start:stop]
+        lo_c, hi_c = lo[columns], hi[columns]
+        mask = np.empty((_ROWS_AT_ONCE, sims.shape[1]), np.bool_)
+        rest_mask = np.empty((_ROWS_AT_ONCE, lo_c.size), np.bool_)
+        col_lo = np.zeros(lo_c.size, np.int64)
+        col_hi = np.zeros(lo_c.size, np.int64)
+        col_step = np.empty(lo_c.size, np.uint8)
+        pending, pending_above = [], []  # column indices, flushed by bincount
+        # Count densely where the previous rows had many scores above `lo`.
+        dense_rows = dense_columns = False
 
-    block_pass(q, g, leave_one_out, block_size, count)
+        def flush():
+            if pending:
+                cc, is_above = np.concatenate(pending), np.concatenate(pending_above)
+                col_lo[:] += np.bincount(cc, minlength=lo_c.size)
+                col_hi[:] += np.bincount(cc[is_above], minlength=lo_c.size)
+                pending.clear()
+                pending_above.clear()
+
+        def add_columns(counts, m):  # counts += the column sums of mask m
+            np.add.reduce(m.view(np.uint8), axis=0, out=col_step)
+            counts += col_step
+
+        for r0 in range(rows.start, rows.stop, _ROWS_AT_ONCE):
+            r1 = min(r0 + _ROWS_AT_ONCE, rows.stop)
+            block, m = sims[r0:r1], mask[: r1 - r0]
+            queries = slice(start + r0, start + r1)
+            lo_r, hi_r = lo[queries, None], hi[queries, None]
+            np.greater(block, lo_r, out=m)
+            if dense_rows:
+                dense_rows = np.count_nonzero(m) > m.size // _DENSE
+                for counts, thresholds in ((over_lo, lo_r), (above, hi_r)):
+                    np.greater(block, thresholds, out=m)
+                    for k in range(r1 - r0):
+                        counts[start + r0 + k] += np.count_nonzero(m[k])
+                    if leave_one_out:  # self, on the diagonal, is no candidate
+                        own = block[np.arange(r1 - r0), np.arange(r0, r1)]
+                        counts[queries] -= own > thresholds[:, 0]
+            else:
+                hits = np.flatnonzero(m)
+                dense_rows = hits.size > m.size // _DENSE
+                rr, cc = np.divmod(hits, m.shape[1])  # 2-D nonzero: slow
+                if leave_one_out:
+                    other = cc != rr + r0
+                    rr, cc = rr[other], cc[other]
+                over_lo[queries] += np.bincount(rr, minlength=r1 - r0)
+                is_above = block[rr, cc] > hi[queries][rr]
+                above[queries] += np.bincount(rr[is_above], minlength=r1 - r0)
+            if not leave_one_out:
+                continue
+            rest, rm = block[:, width:], rest_mask[: r1 - r0]
+            np.greater(rest, lo_c, out=rm)
+            if dense_columns:
+                dense_columns = np.count_nonzero(rm) > rm.size // _DENSE
+                add_columns(col_lo, rm)
+                np.greater(rest, hi_c, out=rm)
+                add_columns(col_hi, rm)
+                continue
+            hits = np.flatnonzero(rm)
+            dense_columns = hits.size > rm.size // _DENSE
+            rr, cc = np.divmod(hits, rm.shape[1])
+            pending.append(cc)
+            pending_above.append(rest[rr, cc] > hi_c[cc])
+            if sum(map(len, pending)) > lo_c.size:  # bounded memory
+                flush()
+        flush()
+        return columns, col_lo, col_hi
+
+    q_t = tf.constant(q)
+    g_t = q_t if leave_one_out else tf.constant(g)
+    for columns, col_lo, col_hi in block_pass(
+        q_t, g_t, leave_one_out, block_size, count
+    ):
+        over_lo[columns] += col_lo
+        above[columns] += col_hi
     ranks = np.where(has, above, NO_HIT)
     ambiguous = np.flatnonzero(has & (over_lo - above != 1))
     if ambiguous.size:
         ranks[ambiguous] = first_hit_ranks(
-            q, g, q_codes, g_codes, ambiguous, leave_one_out, band
+            q, g, q_codes, g_codes, ambiguous, leave_one_out, band, g_tensor=g_t
         )
     return ranks
