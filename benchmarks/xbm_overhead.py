@@ -74,6 +74,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from keras import ops  # noqa: E402
 
+import xbm_tf.losses.matmul_dtype as matmul_dtype_module  # noqa: E402
 from xbm_tf import CrossBatchMemory, XBMContrastiveModel  # noqa: E402
 from xbm_tf.losses import ContrastiveLoss, contrastive_loss  # noqa: E402
 from xbm_tf.losses.fused import memory_pair_loss  # noqa: E402
@@ -91,6 +92,14 @@ _TARGET = flags.DEFINE_float(
     "Target for the bfloat16 (a) / float32 (b) without XLA at the largest M, D.",
 )
 _WHOLE_STEP = flags.DEFINE_bool("whole_step", True, "Also time the CNN train step.")
+_PRETEND = flags.DEFINE_list(
+    "pretend_cpu_flags",
+    None,
+    "Choose the losses' half-precision matmul as on a CPU with just these "
+    "/proc/cpuinfo flags (xbm_tf.losses.matmul_dtype), e.g. 'avx2,fma' with "
+    "ONEDNN_MAX_CPU_ISA=AVX2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 to run as an "
+    "AVX2-only CPU would.",
+)
 _CONFIG = flags.DEFINE_string(
     "config",
     None,
@@ -674,6 +683,9 @@ def _print_tables(machine: dict, results: list, load: tuple) -> None:
 
 
 def main(argv):
+    if _PRETEND.value is not None:
+        pretended = frozenset(_PRETEND.value)
+        matmul_dtype_module.cpu_flags = lambda: pretended
     if _QUICK.value:
         for flag, value in (
             (_DIMS, ["64"]),

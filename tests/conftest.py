@@ -18,6 +18,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import xbm_tf.losses.matmul_dtype as matmul_dtype_module  # noqa: E402
 from xbm_tf.losses import contrastive_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 def _seed():
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _cpu_flags(monkeypatch):
+    """XBM_TEST_CPU_FLAGS="avx2 fma" (say) runs the tests as on a CPU with just
+    those flags: the losses then pick the half-precision matmul such a CPU gets
+    (`xbm_tf.losses.matmul_dtype`). Unset, the real CPU decides."""
+    flags = os.environ.get("XBM_TEST_CPU_FLAGS")
+    if flags is not None:
+        fake = frozenset(flags.split())
+        monkeypatch.setattr(matmul_dtype_module, "cpu_flags", lambda: fake)
     yield
 
 

@@ -104,8 +104,8 @@ def plan_runs(
             2 classes, a memory smaller than a batch, duplicates or empty lists.
 
     Example:
-    >>> [r.name for r in plan_runs([16], [64], [0], k=4)]
-    ['without_b16_s0', 'with_b16_m64_s0']
+    >>> print(*(r.name for r in plan_runs([16], [64], [0], k=4)))
+    without_b16_s0 with_b16_m64_s0
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(f"k must be an integer >= 2; got {k!r}.")

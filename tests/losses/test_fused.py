@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import xbm_tf.losses.matmul_dtype as matmul_dtype_module
 from xbm_tf import CrossBatchMemory, XBMContrastiveModel, build_embedding_model
 from xbm_tf.losses import (
     ContrastiveLoss,
@@ -281,9 +282,12 @@ def test_other_losses_read_the_memory_keys_densely():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_keys_are_multiplied_as_stored(dtype):
+def test_half_keys_are_multiplied_as_stored(dtype, monkeypatch):
     # The generic losses' similarity_matrix multiplies a half-precision memory
-    # in its dtype (queries cast to it) instead of copying it to float32.
+    # in its dtype (queries cast to it) instead of copying it to float32, on a
+    # machine with a fast half dot (here pretended, so any CPU runs this).
+    flags = {"avx512_bf16", "amx_bf16", "avx512_fp16"}
+    monkeypatch.setattr(matmul_dtype_module, "cpu_flags", lambda: frozenset(flags))
     q, _, k, _, _, _ = _problem(7, b=12, m=300, d=64)
     k_half = tf.cast(k, dtype)
     plain = tf.cast(k_half, "float32").numpy()  # the stored values, exactly

@@ -17,7 +17,9 @@ and the same query gradients with two matmuls and one fused pass:
 The two matmuls run on TensorFlow's own kernels (oneDNN on a CPU) unless the
 caller is itself compiled with XLA. On a CPU with AVX-512 BF16 or AMX, oneDNN's
 bfloat16 matmul runs at twice its float32 rate, while XLA's CPU backend computes
-a bfloat16 dot in float32 and its float32 dot is slower than oneDNN's.
+a bfloat16 dot in float32 and its float32 dot is slower than oneDNN's. On a CPU
+without a fast half-precision dot the keys are cast to float32 first
+(`matmul_dtype`): TensorFlow's half matmul there is 2-3x slower than float32.
 
 The keys are constants (no gradient flows to them): this is the loss of a batch
 against a `CrossBatchMemory`, whose rows are stop-gradient copies. They may be
@@ -33,6 +35,7 @@ import tensorflow as tf
 
 from xbm_tf.losses.base import PairLoss, check_pair_reduction
 from xbm_tf.losses.contrastive import ContrastiveLoss, mean_weights
+from xbm_tf.losses.matmul_dtype import matmul_dtype
 from xbm_tf.losses.pairs import check_labels, pair_masks
 
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
@@ -144,6 +147,9 @@ def fused_contrastive_loss(
         raise ValueError(
             f"key_embeddings must be one of {MATMUL_DTYPES}, got {dtype.name}"
         )
+    if matmul_dtype(dtype) != dtype:  # no fast half matmul on this machine
+        dtype = tf.float32
+        keys = tf.cast(keys, dtype)
     queries = tf.cast(query_embeddings, tf.float32)
     query_labels = check_labels(tf.reshape(query_labels, (-1,)), "query_labels")
     key_labels = check_labels(tf.reshape(key_labels, (-1,)), "key_labels")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from xbm_tf.losses.matmul_dtype import matmul_dtype
+
 
 def check_labels(labels, name: str):
     """`labels` as an int64 tensor, or a TypeError if they cannot compare exactly.
@@ -39,16 +41,18 @@ def similarity_matrix(query_embeddings, key_embeddings):
     """Cosine similarities `(B, M)` of L2-normalised query and key embeddings.
 
     The result is float32. Half-precision keys (a bfloat16 or float16 memory)
-    are multiplied as stored, with the queries cast to their dtype, and the
-    product (rounded to that dtype, as in `fused_contrastive_loss`) is cast to
-    float32: casting the keys instead would copy all `M x D` of them on every
-    call, and the half-precision matmul is the fast one on CPUs with AVX-512
-    BF16 or AMX and on GPUs. Other keys are multiplied in float32.
+    are multiplied as stored where this machine has a fast matmul for them (a
+    GPU, a CPU with AVX-512 BF16 or AMX; see `matmul_dtype`), with the queries
+    cast to their dtype, and the product (rounded to that dtype, as in
+    `fused_contrastive_loss`) is cast to float32: casting the keys instead
+    would copy all `M x D` of them on every call. Elsewhere, and for other
+    keys, the matmul is float32.
     """
     key_embeddings = ops.convert_to_tensor(key_embeddings)
     dtype = keras.backend.standardize_dtype(key_embeddings.dtype)
     if dtype not in ("bfloat16", "float16"):
         dtype = "float32"
+    dtype = matmul_dtype(dtype).name
     query_embeddings = ops.cast(query_embeddings, dtype)
     key_embeddings = ops.cast(key_embeddings, dtype)
     sim = ops.matmul(query_embeddings, ops.transpose(key_embeddings))
