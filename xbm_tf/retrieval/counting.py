@@ -304,7 +304,8 @@ def count_first_hit_ranks(q, g, q_codes, g_codes, leave_one_out, block_size):
             if dense_rows:
                 dense_rows = np.count_nonzero(m) > m.size // _DENSE
                 for counts, thresholds in ((over_lo, lo_r), (above, hi_r)):
-                    np.greater(block, thresholds, out=m)
+                    if thresholds is hi_r:  # m holds the comparison with lo
+                        np.greater(block, thresholds, out=m)
                     for k in range(r1 - r0):
                         counts[start + r0 + k] += np.count_nonzero(m[k])
                     if leave_one_out:  # self, on the diagonal, is no candidate
