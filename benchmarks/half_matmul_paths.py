@@ -38,6 +38,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from eval_speed import _cpu_name  # noqa: E402  (this folder)
+
+from xbm_tf.losses.matmul_dtype import cpu_flags  # noqa: E402
 
 
 def _pair(q, k):
@@ -78,6 +81,8 @@ def main():
         for key in ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS", "XLA_FLAGS")
         if key in os.environ
     }
+    fast = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}) or ["no bfloat16 dot"]
+    print(f"machine: {_cpu_name()}, {', '.join(fast)}")
     print(f"B x M x D = {args.batch} x {args.memory} x {args.dim}; env {env or '-'}")
     print(f"load average: {tuple(round(v, 2) for v in os.getloadavg())}")
     floor = np.median(times["float32"])

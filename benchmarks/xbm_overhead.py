@@ -474,18 +474,16 @@ def _machine() -> dict:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
+            text = cpuinfo.read()
+    except OSError:
+        text = None
+    if text is not None:
+        match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
         if match:
             cpu = match.group(1).strip()
-    except OSError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            found = set(cpuinfo.read().split())
+        found = set(text.split())
         bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in found]
         cpu += ", " + (", ".join(bf16) or "no bf16 dot")
-    except OSError:
-        pass
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
