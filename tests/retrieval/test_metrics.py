@@ -337,6 +337,34 @@ def test_rank_counting_band_and_fallback(monkeypatch):
     recall, _, _, _ = _reference(x, y, ks=ks)
     assert ev.recall_at_k(x, y, ks=ks, block_size=16) == recall
     calls = []
+    orig = counting._rank_in_band
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[4]))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(counting, "_rank_in_band", spy)
+    assert ev.recall_at_k(x, y, ks=ks) == recall
+    assert 0 < calls[0] < len(x)  # only the ambiguous queries are re-ranked
+    # Classes too large for the pair pass: top-k search, then counting misses.
+    monkeypatch.setattr(counting, "MAX_PAIRS_PER_QUERY", 0)
+    for backend in BACKENDS:
+        assert ev.recall_at_k(x, y, ks=ks, backend=backend) == recall
+
+
+def test_rank_counting_falls_back_where_the_band_holds_no_same_class_item(
+    clustered, monkeypatch
+):
+    # The band around the best same-class score always holds that item; if it
+    # did not (best scores shifted off here), the count would miss candidates
+    # between the two, and those queries are ranked from their whole row.
+    x, y = clustered(120, 6, 8, noise=1.5, seed=3)
+    want = _slow_first_correct_ranks(x, y)
+    best_same_class = counting.best_same_class
+    monkeypatch.setattr(
+        counting, "best_same_class", lambda *args: best_same_class(*args) + 1e-3
+    )
+    calls = []
     orig = counting.first_hit_ranks
 
     def spy(*args, **kwargs):
@@ -344,12 +372,8 @@ def test_rank_counting_band_and_fallback(monkeypatch):
         return orig(*args, **kwargs)
 
     monkeypatch.setattr(counting, "first_hit_ranks", spy)
-    assert ev.recall_at_k(x, y, ks=ks) == recall
-    assert 0 < calls[0] < len(x)  # only the ambiguous queries are re-ranked
-    # Classes too large for the pair pass: top-k search, then counting misses.
-    monkeypatch.setattr(counting, "MAX_PAIRS_PER_QUERY", 0)
-    for backend in BACKENDS:
-        assert ev.recall_at_k(x, y, ks=ks, backend=backend) == recall
+    np.testing.assert_array_equal(ev.first_correct_ranks(x, y, block_size=32), want)
+    assert calls and calls[0] > 10  # most queries went this way
 
 
 def _ranks_in_order(scores, ql, gl, loo):

@@ -37,7 +37,7 @@ DEFAULT_BLOCK_SIZE = 1024
 MAX_PAIRS_PER_QUERY = 256
 # Rows counted per numpy call, and the share of scores above a threshold from
 # which a block is counted densely (see `count_first_hit_ranks`).
-_ROWS_AT_ONCE = 16
+_ROWS_AT_ONCE = 32
 _DENSE = 64
 
 
@@ -146,7 +146,7 @@ def best_same_class(q, g, q_codes, g_codes, leave_one_out, chunk=65536):
     about `dim * 2**-53` of the exact ones, so the float32 rounding of a
     matmul's score is the only gap `count_first_hit_ranks` allows for. Returns
     `None` if the classes are so large that the pairs would cost more than the
-    matmul.
+    matmul. Chunks of about `chunk` pairs run on one thread per CPU.
     """
     counts = np.bincount(g_codes, minlength=int(q_codes.max()) + 1)
     per_query = counts[q_codes]
@@ -155,36 +155,50 @@ def best_same_class(q, g, q_codes, g_codes, leave_one_out, chunk=65536):
         return None
     order = np.argsort(g_codes, kind="stable")
     class_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    best = np.full(len(q), -np.inf)
     if leave_one_out:  # classes of equal size at once: (C, s, dim) @ (C, dim, s)
-        best = np.full(len(q), -np.inf)
+
+        def same_size(classes):
+            size = counts[classes[0]]
+            members = order[class_start[classes][:, None] + np.arange(size)]
+            emb = g[members].astype(np.float64)
+            sims = np.matmul(emb, emb.transpose(0, 2, 1))
+            sims[:, np.arange(size), np.arange(size)] = -np.inf
+            best[members] = sims.max(axis=2)
+
+        jobs = []
         for size in np.unique(counts[counts > 1]):
             classes = np.flatnonzero(counts == size)
             step = max(1, chunk // (size * size))
-            for c0 in range(0, len(classes), step):
-                cls = classes[c0 : c0 + step]
-                members = order[class_start[cls][:, None] + np.arange(size)]
-                emb = g[members].astype(np.float64)
-                sims = np.matmul(emb, emb.transpose(0, 2, 1))
-                sims[:, np.arange(size), np.arange(size)] = -np.inf
-                best[members] = sims.max(axis=2)
+            jobs += [classes[c0 : c0 + step] for c0 in range(0, len(classes), step)]
+        _run_on_every_cpu(same_size, jobs)
         return best
     query_of_pair = np.repeat(np.arange(len(q)), per_query)
     pair_offset = np.concatenate([[0], np.cumsum(per_query)[:-1]])
     within = np.arange(total) - np.repeat(pair_offset, per_query)
     member = order[class_start[q_codes[query_of_pair]] + within]
     scores = np.empty(total)
-    for start in range(0, total, chunk):
-        sl = slice(start, start + chunk)
+
+    def pairs(sl):
         scores[sl] = np.einsum(
             "ij,ij->i",
             q[query_of_pair[sl]].astype(np.float64),
             g[member[sl]].astype(np.float64),
         )
-    best = np.full(len(q), -np.inf)
+
+    _run_on_every_cpu(pairs, [slice(a, a + chunk) for a in range(0, total, chunk)])
     has = per_query > 0
     if has.any():
         best[has] = np.maximum.reduceat(scores, pair_offset[has])
     return best
+
+
+def _run_on_every_cpu(job, args):
+    """`job(a)` for every `a` of `args`, on one thread per CPU (numpy releases
+    the GIL in its loops); the jobs must write disjoint outputs."""
+    with ThreadPoolExecutor(max_workers=_num_threads()) as pool:
+        for _ in pool.map(job, args):
+            pass
 
 
 @tf.function(reduce_retracing=True)
@@ -235,9 +249,10 @@ def count_first_hit_ranks(q, g, q_codes, g_codes, leave_one_out, block_size):
     candidates scoring above its best same-class score `b` (float64, per pair),
     outside a band `b +- eps` that covers the float32 rounding of the matmul
     (half of `inputs.score_band`, which bounds the gap between two float32
-    kernels). Where the band holds exactly one score, that is the best
-    same-class item and the count is its rank whatever the rounding; the few
-    queries with other scores in the band are ranked by `first_hit_ranks`. No
+    kernels), and keeps the few candidates inside the band. Where the band
+    holds exactly one score, that is the best same-class item and the count is
+    its rank whatever the rounding; the few queries with other scores in the
+    band are ranked from those candidates' float64 scores (`_rank_in_band`). No
     top-k is selected, so Recall@K for every K costs one pass. Returns `None`
     (use a search) if the classes are too large for `best_same_class`.
     """
@@ -254,34 +269,113 @@ def count_first_hit_ranks(q, g, q_codes, g_codes, leave_one_out, block_size):
     lo = np.nextafter((best - reach).astype(np.float32), np.float32(-np.inf))
     hi = np.nextafter((best + reach).astype(np.float32), np.float32(np.inf))
     lo[~has] = hi[~has] = np.inf
-    above = np.zeros(len(q), np.int64)  # scores > hi
-    over_lo = np.zeros(len(q), np.int64)  # scores > lo
+    # Under leave-one-out the pass sees the items in order of increasing `lo`:
+    # then a strip's score s_ij (i < j) counts for column j only if it passes
+    # lo_j >= lo_i, so the one comparison with its row's threshold finds the
+    # scores of both sides.
+    order = np.argsort(lo, kind="stable") if leave_one_out else None
+    x_t = tf.constant(q)
+    if leave_one_out:
+        x_t = tf.gather(x_t, order)  # TensorFlow's gather: on every core
+    counts = _count_pass(
+        x_t,
+        x_t if leave_one_out else tf.constant(g),
+        lo if order is None else lo[order],
+        hi if order is None else hi[order],
+        leave_one_out,
+        block_size,
+    )
+    above, over_lo, band_queries, band_items = counts
+    if order is not None:  # back to the caller's indices
+        above[order], over_lo[order] = above.copy(), over_lo.copy()
+        band_queries, band_items = order[band_queries], order[band_items]
+    ranks = np.where(has, above, NO_HIT)
+    ambiguous = np.flatnonzero(has & (over_lo - above != 1))
+    if ambiguous.size:
+        ranks[ambiguous], lost = _rank_in_band(
+            q, g, q_codes, g_codes, ambiguous, above, band_queries, band_items
+        )
+        if lost.size:  # no same-class item inside the band: rank from the row
+            ranks[lost] = first_hit_ranks(
+                q, g, q_codes, g_codes, lost, leave_one_out, band
+            )
+    return ranks
+
+
+def _rank_in_band(q, g, q_codes, g_codes, queries, above, band_queries, band_items):
+    """Ranks of `queries` from their candidates inside the band.
+
+    `band_queries[k]`, `band_items[k]` are the pairs whose float32 score lies
+    inside the query's band; `above` counts the candidates surely above it.
+    Each pair is re-scored in float64 (`_canonical_scores`); the rank is
+    `above`, plus the band's candidates with a larger score than the best
+    same-class one, plus those with an equal score and a lower index. Returns
+    the ranks and the queries whose band holds no same-class item (their ranks
+    are left at `above`; the caller ranks them otherwise).
+    """
+    wanted = np.zeros(len(q), bool)
+    wanted[queries] = True
+    keep = wanted[band_queries]
+    qi, gi = band_queries[keep], band_items[keep]
+    by_query = np.lexsort((gi, qi))  # by query, then by item index
+    qi, gi = qi[by_query], gi[by_query]
+    group = np.searchsorted(queries, qi)  # `queries` is sorted
+    exact = np.empty(len(qi))
+
+    def rescore(sl):  # chunks of pairs: bounded float64 copies
+        exact[sl] = _canonical_scores(q[qi[sl]], g[gi[sl]])
+
+    step = 8192
+    _run_on_every_cpu(rescore, [slice(a, a + step) for a in range(0, len(qi), step)])
+    same = g_codes[gi] == q_codes[qi]
+    best = np.full(len(queries), -np.inf)
+    np.maximum.at(best, group[same], exact[same])
+    at_best = same & (exact == best[group])
+    first = np.full(len(queries), np.iinfo(np.int64).max)
+    np.minimum.at(first, group[at_best], gi[at_best])
+    before = (exact > best[group]) | ((exact == best[group]) & (gi < first[group]))
+    ranks = above[queries] + np.bincount(group[before], minlength=len(queries))
+    return ranks, queries[~np.isfinite(best)]
+
+
+def _count_pass(x, g, lo, hi, leave_one_out, block_size):
+    """Per query, the scores above `hi` and above `lo`, and the pairs between.
+
+    `x` and `g` are float32 tensors; under leave-one-out (`g is x`) `lo` must
+    not decrease along the items. Returns `above`, `over_lo` (int64 per query)
+    and the pairs (query, item) whose score lies in `(lo, hi]` of the query
+    (self excluded).
+    """
+    above = np.zeros(len(lo), np.int64)  # scores > hi
+    over_lo = np.zeros(len(lo), np.int64)  # scores > lo
 
     def count(sims, start, stop, rows):
-        # One comparison per score and side, with `lo`. Scores above a query's
-        # best same-class score are rare after any training (the mean rank is
-        # a few places), so the few that pass are found with `flatnonzero` and
-        # compared with `hi` there; where many pass (a poor model: random
-        # vectors have mean ranks in the thousands), all are compared with
-        # `hi` too, so the cost stays bounded. 16 rows at a time: longer numpy
-        # calls let two threads share the GIL (4 rows ran 1.3x slower at SOP
-        # scale). The rows' own counts are written in place (each row belongs
-        # to one call); the columns' counts are returned.
+        # One comparison per score, with its row's `lo`. Scores above a
+        # query's best same-class score are rare after any training (the mean
+        # rank is a few places), so the few that pass are found with
+        # `flatnonzero` and only those are compared with `hi`, and under
+        # leave-one-out with their column's thresholds; where many pass (a poor
+        # model: random vectors have mean ranks in the thousands), every score
+        # is compared with every threshold, so the cost stays bounded. 32 rows
+        # at a time: longer numpy calls let two threads share the GIL (at SOP
+        # scale 4 rows took 1.3x the counting time of 16, and 16 rows 1.08x
+        # that of 32). The rows' own counts are written in place (each row
+        # belongs to one call); the columns' are returned.
         width = stop - start
         # Under leave-one-out the strip starts at column `start`: its first
         # `width` columns are the rows' own square (self on the diagonal, not a
         # candidate); the columns after it get these rows (earlier rows were
         # counted by earlier strips).
+        first_col = start if leave_one_out else 0
         columns = slice(stop, None) if leave_one_out else slice(0, 0)
         lo_c, hi_c = lo[columns], hi[columns]
-        mask = np.empty((_ROWS_AT_ONCE, sims.shape[1]), np.bool_)
-        rest_mask = np.empty((_ROWS_AT_ONCE, lo_c.size), np.bool_)
+        mask = np.empty((2, _ROWS_AT_ONCE, sims.shape[1]), np.bool_)
         col_lo = np.zeros(lo_c.size, np.int64)
         col_hi = np.zeros(lo_c.size, np.int64)
         col_step = np.empty(lo_c.size, np.uint8)
         pending, pending_above = [], []  # column indices, flushed by bincount
-        # Count densely where the previous rows had many scores above `lo`.
-        dense_rows = dense_columns = False
+        pairs = []  # (query, item) arrays inside the band
+        dense = False  # count densely where the previous rows had many passing
 
         def flush():
             if pending:
@@ -295,63 +389,79 @@ def count_first_hit_ranks(q, g, q_codes, g_codes, leave_one_out, block_size):
             np.add.reduce(m.view(np.uint8), axis=0, out=col_step)
             counts += col_step
 
+        def in_band(m_lo, m_hi, r0, cols):  # pairs of m_lo & ~m_hi
+            np.greater(m_lo, m_hi, out=m_lo)
+            rr, cc = np.divmod(np.flatnonzero(m_lo), m_lo.shape[1])
+            rr += start + r0
+            cc += cols
+            if leave_one_out:
+                other = cc != rr
+                rr, cc = rr[other], cc[other]
+            return rr, cc
+
         for r0 in range(rows.start, rows.stop, _ROWS_AT_ONCE):
             r1 = min(r0 + _ROWS_AT_ONCE, rows.stop)
-            block, m = sims[r0:r1], mask[: r1 - r0]
+            block, m, m_hi = sims[r0:r1], mask[0, : r1 - r0], mask[1, : r1 - r0]
             queries = slice(start + r0, start + r1)
             lo_r, hi_r = lo[queries, None], hi[queries, None]
             np.greater(block, lo_r, out=m)
-            if dense_rows:
-                dense_rows = np.count_nonzero(m) > m.size // _DENSE
-                for counts, thresholds in ((over_lo, lo_r), (above, hi_r)):
-                    if thresholds is hi_r:  # m holds the comparison with lo
-                        np.greater(block, thresholds, out=m)
-                    for k in range(r1 - r0):
-                        counts[start + r0 + k] += np.count_nonzero(m[k])
-                    if leave_one_out:  # self, on the diagonal, is no candidate
-                        own = block[np.arange(r1 - r0), np.arange(r0, r1)]
-                        counts[queries] -= own > thresholds[:, 0]
-            else:
-                hits = np.flatnonzero(m)
-                dense_rows = hits.size > m.size // _DENSE
-                rr, cc = np.divmod(hits, m.shape[1])  # 2-D nonzero: slow
-                if leave_one_out:
-                    other = cc != rr + r0
-                    rr, cc = rr[other], cc[other]
-                over_lo[queries] += np.bincount(rr, minlength=r1 - r0)
-                is_above = block[rr, cc] > hi[queries][rr]
-                above[queries] += np.bincount(rr[is_above], minlength=r1 - r0)
+            if dense:
+                dense = np.count_nonzero(m) > m.size // _DENSE
+                np.greater(block, hi_r, out=m_hi)
+                for k in range(r1 - r0):
+                    over_lo[start + r0 + k] += np.count_nonzero(m[k])
+                    above[start + r0 + k] += np.count_nonzero(m_hi[k])
+                if leave_one_out:  # self, on the diagonal, is no candidate
+                    own = block[np.arange(r1 - r0), np.arange(r0, r1)]
+                    over_lo[queries] -= own > lo_r[:, 0]
+                    above[queries] -= own > hi_r[:, 0]
+                pairs.append(in_band(m, m_hi, r0, first_col))
+                if not leave_one_out:
+                    continue
+                rest = block[:, width:]
+                m, m_hi = m[:, width:], m_hi[:, width:]
+                np.greater(rest, lo_c, out=m)
+                np.greater(rest, hi_c, out=m_hi)
+                add_columns(col_lo, m)
+                add_columns(col_hi, m_hi)
+                items, column_queries = in_band(m, m_hi, r0, stop)
+                pairs.append((column_queries, items))
+                continue
+            hits = np.flatnonzero(m)
+            dense = hits.size > m.size // _DENSE
+            rr, cc = np.divmod(hits, m.shape[1])  # 2-D nonzero: slow
+            if leave_one_out:
+                other = cc != rr + r0
+                rr, cc = rr[other], cc[other]
+            score = block[rr, cc]
+            is_above = score > hi_r[rr, 0]
+            over_lo[queries] += np.bincount(rr, minlength=r1 - r0)
+            above[queries] += np.bincount(rr[is_above], minlength=r1 - r0)
+            rr += start + r0  # indices in the gallery from here on
+            cc += first_col
+            pairs.append((rr[~is_above], cc[~is_above]))
             if not leave_one_out:
                 continue
-            rest, rm = block[:, width:], rest_mask[: r1 - r0]
-            np.greater(rest, lo_c, out=rm)
-            if dense_columns:
-                dense_columns = np.count_nonzero(rm) > rm.size // _DENSE
-                add_columns(col_lo, rm)
-                np.greater(rest, hi_c, out=rm)
-                add_columns(col_hi, rm)
-                continue
-            hits = np.flatnonzero(rm)
-            dense_columns = hits.size > rm.size // _DENSE
-            rr, cc = np.divmod(hits, rm.shape[1])
-            pending.append(cc)
-            pending_above.append(rest[rr, cc] > hi_c[cc])
+            beyond = cc >= stop  # the columns' side: passes lo_j >= lo_i too?
+            rr, cc, score = rr[beyond], cc[beyond], score[beyond]
+            passes = score > lo[cc]
+            rr, cc, score = rr[passes], cc[passes], score[passes]
+            is_above = score > hi[cc]
+            pending.append(cc - stop)
+            pending_above.append(is_above)
+            pairs.append((cc[~is_above], rr[~is_above]))
             if sum(map(len, pending)) > lo_c.size:  # bounded memory
                 flush()
         flush()
-        return columns, col_lo, col_hi
+        return columns, col_lo, col_hi, pairs
 
-    q_t = tf.constant(q)
-    g_t = q_t if leave_one_out else tf.constant(g)
-    for columns, col_lo, col_hi in block_pass(
-        q_t, g_t, leave_one_out, block_size, count
+    band_pairs = []
+    for columns, col_lo, col_hi, pairs in block_pass(
+        x, g, leave_one_out, block_size, count
     ):
         over_lo[columns] += col_lo
         above[columns] += col_hi
-    ranks = np.where(has, above, NO_HIT)
-    ambiguous = np.flatnonzero(has & (over_lo - above != 1))
-    if ambiguous.size:
-        ranks[ambiguous] = first_hit_ranks(
-            q, g, q_codes, g_codes, ambiguous, leave_one_out, band, g_tensor=g_t
-        )
-    return ranks
+        band_pairs += pairs
+    band_queries = np.concatenate([p[0] for p in band_pairs] + [np.zeros(0, int)])
+    band_items = np.concatenate([p[1] for p in band_pairs] + [np.zeros(0, int)])
+    return above, over_lo, band_queries, band_items
