@@ -21,6 +21,10 @@ R@{1,10,100,1000}, every item querying all others (itself excluded), by:
   TensorFlow top-k or ScaNN brute-force top-1001 lists);
 - `scann_ah`: the approximate engine (tree + AH + exact re-ordering);
 - `faiss`: faiss `IndexFlatIP` top-1000 lists, if faiss is installed.
+`--embeddings random` evaluates random unit vectors with the same labels instead
+(an untrained or collapsed model: mean rank in the thousands). `--breakdown` adds
+one more call of the default engine with a timer on each of its phases (the best
+same-class scores, the matmuls, the counting, the re-ranking of near-ties).
 Methods run round-robin `--repeats` times (interleaved, so a shared machine's
 load hits them alike); the table gives the median wall time with its [min-max]
 range, the CPU time, the ratio to the floor and to numpy, and R@K differences
@@ -41,6 +45,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from xbm_tf import retrieval  # noqa: E402
+from xbm_tf.retrieval import counting  # noqa: E402
 
 KS = (1, 10, 100, 1000)
 ALL_METHODS = ("floor", "default", "numpy", "exact", "scann", "scann_ah", "faiss")
@@ -110,6 +115,52 @@ def faiss_flat(x, k):
     return idx[~drop].reshape(len(x), k)
 
 
+def breakdown(run):
+    """Seconds per phase of one `run()` of the default engine, by timers put
+    around `xbm_tf.retrieval.counting`'s functions for the call."""
+    spent = {}
+    names = {
+        "best_same_class": "best same-class scores (float64)",
+        "_count_pass": "matmul pass",
+        "_block_scores": "matmuls",
+        "_rank_in_band": "near-tie re-ranking",
+        "first_hit_ranks": "near-tie re-ranking",
+    }
+    originals = {name: getattr(counting, name) for name in names}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if name == "_block_scores":
+                out = np.asarray(out)  # the matmul has run by now
+            spent[names[name]] = spent.get(names[name], 0.0) + (
+                time.perf_counter() - start
+            )
+            return out
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(counting, name, timed(name, fn))
+    try:
+        start = time.perf_counter()
+        run()
+        total = time.perf_counter() - start
+    finally:
+        for name, fn in originals.items():
+            setattr(counting, name, fn)
+    matmuls = spent.get("matmuls", 0.0)
+    phases = {
+        "matmuls": matmuls,
+        "counting the blocks": spent.get("matmul pass", 0.0) - matmuls,
+    }
+    for key in ("best same-class scores (float64)", "near-tie re-ranking"):
+        phases[key] = spent.get(key, 0.0)
+    phases["the rest (checks, band, order)"] = total - sum(phases.values())
+    return total, phases
+
+
 def _cpu_name():
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -133,6 +184,17 @@ def main():
         "with --quick: floor,default)",
     )
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--embeddings",
+        choices=("clustered", "random"),
+        default="clustered",
+        help="clustered (like a trained model) or random unit vectors",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time the default engine's phases in one more call",
+    )
     parser.add_argument("--block_size", type=int, default=1024)
     parser.add_argument("--scann_block_size", type=int, default=None)
     args = parser.parse_args()
@@ -147,6 +209,9 @@ def main():
 
     num_classes = max(2, round(n * 11316 / 60502))
     x, labels = sop_like(n, num_classes, args.dim, noise=2.2)
+    if args.embeddings == "random":
+        x = np.random.default_rng(1).standard_normal(x.shape, dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
     ks = tuple(k for k in KS if k < n)
     k = max(ks)
 
@@ -189,7 +254,10 @@ def main():
     chosen = [m for m in ALL_METHODS if m in chosen]
 
     flops = gemm_flops(n, args.dim, args.block_size)
-    print(f"data: {n} x {args.dim}, {num_classes} classes, R@{ks}, leave-one-out")
+    print(
+        f"data: {n} x {args.dim} {args.embeddings}, {num_classes} classes, "
+        f"R@{ks}, leave-one-out"
+    )
     print(f"GEMM work of the symmetric pass: {flops / 1e12:.3f} TFLOP (float32)")
     print(f"machine: {os.cpu_count()} CPUs ({_cpu_name()}), TF {tf.__version__}")
     print(f"load average before: {tuple(round(v, 2) for v in os.getloadavg())}")
@@ -242,6 +310,11 @@ def main():
             f"default / floor per round: median {np.median(ratios):.2f}x "
             f"[{min(ratios):.2f}-{max(ratios):.2f}] (target <= 1.2x)"
         )
+    if args.breakdown:
+        total, phases = breakdown(methods["default"][1])
+        print(f"\ndefault engine, one more call: {total:.2f} s")
+        for name, seconds in phases.items():
+            print(f"  {name:34s} {seconds:6.2f} s")
     print(f"load average after: {load_after}")
 
 

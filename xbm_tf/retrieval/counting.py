@@ -8,15 +8,17 @@ with a larger score, and those with an equal score and a lower index.
 products of the float32 embeddings, ties by lower index. Scores further apart than
 the float32 rounding band (`inputs.score_band`) are ordered as computed, by any
 kernel; a query with other scores inside the band around its best same-class
-score (ties, duplicates, near-ties within a few ulps) is re-ranked by
-`first_hit_ranks` from float64 dot products computed pair by pair, which are the
-same for equal vectors wherever they sit in the gallery. So `"exact_rank"`
+score (ties, duplicates, near-ties within a few ulps) is re-ranked from float64
+dot products computed pair by pair (`_canonical_scores`), which are the same for
+equal vectors wherever they sit in the gallery. So `"exact_rank"`
 (`count_first_hit_ranks`) and the list engines (`ranks_from_lists`) agree exactly.
 
 `count_first_hit_ranks` is one blocked float32 matmul pass in TensorFlow (oneDNN
 GEMM), each block then counted in numpy by one thread per CPU; under
 leave-one-out only the upper triangle of the symmetric similarity matrix is
-computed, each block counting for its rows and for its columns.
+computed, each block counting for its rows and for its columns. The candidates
+inside a query's band are kept during the pass, so its near-ties are re-ranked
+without a second matmul (`_rank_in_band`).
 """
 
 from __future__ import annotations
