@@ -327,6 +327,20 @@ def test_rank_counting_is_independent_of_blocks_and_matches_the_loop(
     assert got == recall
 
 
+def _count_queries(monkeypatch, name):
+    """Wraps `counting.<name>(q, g, q_codes, g_codes, queries, ...)`; returns
+    the list to which each call appends its number of queries."""
+    calls = []
+    orig = getattr(counting, name)
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[4]))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(counting, name, spy)
+    return calls
+
+
 def test_rank_counting_band_and_fallback(monkeypatch):
     # Duplicated vectors put several scores inside the rounding band around the
     # best same-class score: those queries are re-ranked from their own row.
@@ -336,14 +350,7 @@ def test_rank_counting_band_and_fallback(monkeypatch):
     ks = (1, 2, 3, 10, 60)
     recall, _, _, _ = _reference(x, y, ks=ks)
     assert ev.recall_at_k(x, y, ks=ks, block_size=16) == recall
-    calls = []
-    orig = counting._rank_in_band
-
-    def spy(*args, **kwargs):
-        calls.append(len(args[4]))
-        return orig(*args, **kwargs)
-
-    monkeypatch.setattr(counting, "_rank_in_band", spy)
+    calls = _count_queries(monkeypatch, "_rank_in_band")
     assert ev.recall_at_k(x, y, ks=ks) == recall
     assert 0 < calls[0] < len(x)  # only the ambiguous queries are re-ranked
     # Classes too large for the pair pass: top-k search, then counting misses.
@@ -364,14 +371,7 @@ def test_rank_counting_falls_back_where_the_band_holds_no_same_class_item(
     monkeypatch.setattr(
         counting, "best_same_class", lambda *args: best_same_class(*args) + 1e-3
     )
-    calls = []
-    orig = counting.first_hit_ranks
-
-    def spy(*args, **kwargs):
-        calls.append(len(args[4]))
-        return orig(*args, **kwargs)
-
-    monkeypatch.setattr(counting, "first_hit_ranks", spy)
+    calls = _count_queries(monkeypatch, "first_hit_ranks")
     np.testing.assert_array_equal(ev.first_correct_ranks(x, y, block_size=32), want)
     assert calls and calls[0] > 10  # most queries went this way
 
