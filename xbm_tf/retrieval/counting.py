@@ -312,15 +312,13 @@ def _rank_in_band(q, g, q_codes, g_codes, queries, above, band_queries, band_ite
     Each pair is re-scored in float64 (`_canonical_scores`); the rank is
     `above`, plus the band's candidates with a larger score than the best
     same-class one, plus those with an equal score and a lower index. Returns
-    the ranks and the queries whose band holds no same-class item (their ranks
-    are left at `above`; the caller ranks them otherwise).
+    the ranks and the queries whose band holds no same-class item (whose ranks
+    here mean nothing: the caller ranks them otherwise).
     """
     wanted = np.zeros(len(q), bool)
     wanted[queries] = True
     keep = wanted[band_queries]
     qi, gi = band_queries[keep], band_items[keep]
-    by_query = np.lexsort((gi, qi))  # by query, then by item index
-    qi, gi = qi[by_query], gi[by_query]
     group = np.searchsorted(queries, qi)  # `queries` is sorted
     exact = np.empty(len(qi))
 
