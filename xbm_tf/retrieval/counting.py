@@ -52,9 +52,7 @@ def _canonical_scores(query: np.ndarray, items: np.ndarray) -> np.ndarray:
     return (items.astype(np.float64) * query.astype(np.float64)).sum(axis=1)
 
 
-def first_hit_ranks(
-    q, g, q_codes, g_codes, rows, leave_one_out, band, chunk=256, g_tensor=None
-):
+def first_hit_ranks(q, g, q_codes, g_codes, rows, leave_one_out, band, chunk=256):
     """Exact 0-based rank of the best same-class item, for the queries `rows`.
 
     The float32 scores of a query's row, against `top` (its best same-class
@@ -63,12 +61,11 @@ def first_hit_ranks(
     `top +- 2 * band` it may be larger, equal or smaller, so these are
     re-scored in float64, pair by pair, and counted: larger scores, and equal
     scores at lower indices. Every query in `rows` must have a same-class item.
-    `g_tensor`: `g` as a tensor already, if the caller has one (saves a copy).
     """
     order = np.argsort(g_codes, kind="stable")  # members by increasing index
     sorted_codes = g_codes[order]
     ranks = np.empty(len(rows), np.int64)
-    g_t = tf.constant(g) if g_tensor is None else g_tensor
+    g_t = tf.constant(g)
     for start in range(0, len(rows), chunk):
         sub = rows[start : start + chunk]
         # TensorFlow's GEMM: these scores only select the candidates.
