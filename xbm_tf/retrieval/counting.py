@@ -215,25 +215,24 @@ def _num_threads() -> int:
         return os.cpu_count() or 1
 
 
-def block_pass(q, g, leave_one_out, block_size, count, threads=None):
+def block_pass(q, g, leave_one_out, block_size, count):
     """Yields `count(sims, start, stop, rows)` for every block of the matmul.
 
-    Each block is counted after its matmul, its rows (`rows`, a slice of the
-    block) split among `threads` threads (default: one per CPU; numpy releases
-    the GIL); the calls' results come block by block, part by part. Counting
-    one block while TensorFlow computes the next was no faster (measured on 2
-    cores): the GEMM already keeps every core busy.
+    `q` and `g` are float32 tensors (under leave-one-out `g` is `q`). Each
+    block is counted after its matmul, its rows (`rows`, a slice of the block)
+    split among one thread per CPU (numpy releases the GIL); the calls' results
+    come block by block, part by part. Counting one block while TensorFlow
+    computes the next was no faster (measured on 2 cores): the GEMM already
+    keeps every core busy.
     """
-    threads = threads or _num_threads()
-    q_t = tf.convert_to_tensor(q)  # a no-op for tensors
-    g_t = q_t if leave_one_out else tf.convert_to_tensor(g)
+    threads = _num_threads()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for start in range(0, len(q), block_size):
             stop = min(start + block_size, len(q))
             # np.asarray shares the tensor's buffer (.numpy() would copy it).
             sims = np.asarray(
                 _block_scores(
-                    q_t, g_t, tf.constant(start), tf.constant(stop), leave_one_out
+                    q, g, tf.constant(start), tf.constant(stop), leave_one_out
                 )
             )
             bounds = np.linspace(0, stop - start, threads + 1).astype(int)
