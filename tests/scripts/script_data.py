@@ -56,13 +56,25 @@ def write_inshop(root, corrupt=()) -> str:
 INSHOP_ARGS = ("--dataset=inshop", "--recall_ks=1,2,4,8")
 
 
-class StopAfter(keras.callbacks.Callback):
-    """Interrupts the run after a given optimizer step (a killed process)."""
+class AtStep(keras.callbacks.Callback):
+    """Calls `action(model)` once the optimizer has applied step `step`: a
+    kill, an interrupt or a fault injected at a known point of a run."""
 
-    def __init__(self, step):
+    def __init__(self, step, action):
         super().__init__()
         self.step = step
+        self.action = action
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) == self.step:
-            raise KeyboardInterrupt("simulated kill")
+        iterations = keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+        if int(iterations) == self.step:
+            self.action(self.model)
+
+
+def _interrupt(model):
+    raise KeyboardInterrupt("simulated kill")
+
+
+def stop_after(step) -> AtStep:
+    """Interrupts the run after optimizer step `step` (a killed process)."""
+    return AtStep(step, _interrupt)

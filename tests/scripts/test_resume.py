@@ -36,12 +36,18 @@ ARGS = (
 COMPILE_MODES = {"no_xla": ("--jit_compile=false",), "xla": ("--jit_compile=true",)}
 
 
+def _sigkill(model=None):
+    """Dies as a killed process does: no handler, no clean-up."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _driver(out: str, args: list[str]) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     os.chdir(ROOT)
     import keras
     import train
     from absl import flags
+    from script_data import AtStep  # this folder: the script's own
 
     from xbm_tf.backup import TrainingBackup
 
@@ -55,18 +61,9 @@ def _driver(out: str, args: list[str]) -> None:
             state["jit_compile"] = np.asarray(bool(self.model.jit_compile))
             np.savez(out, **state)
 
-    class KillAfter(keras.callbacks.Callback):
-        def __init__(self, step):
-            super().__init__()
-            self.kill_step = step
-
-        def on_train_batch_end(self, batch, logs=None):
-            if int(self.model.optimizer.iterations) == self.kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-
     callbacks = [Dump()]
     if "KILL_AFTER_STEP" in os.environ:
-        callbacks.append(KillAfter(int(os.environ["KILL_AFTER_STEP"])))
+        callbacks.append(AtStep(int(os.environ["KILL_AFTER_STEP"]), _sigkill))
     if "KILL_IN_BACKUP_AT_STEP" in os.environ:
         kill_step = int(os.environ["KILL_IN_BACKUP_AT_STEP"])
         write = TrainingBackup._write
@@ -76,7 +73,7 @@ def _driver(out: str, args: list[str]) -> None:
                 return write(self, directory)
             # The weights are on disk, the state file is not: die here.
             self.model.save_weights(os.path.join(directory, "model.weights.h5"))
-            os.kill(os.getpid(), signal.SIGKILL)
+            _sigkill()
 
         TrainingBackup._write = write_then_die
     flags.FLAGS(["train", "--flagfile=configs/smoke.flags", *args])

@@ -33,7 +33,7 @@ import evaluate  # noqa: E402
 import index  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
-from script_data import INSHOP_ARGS, StopAfter, write_inshop  # noqa: E402
+from script_data import INSHOP_ARGS, stop_after, write_inshop  # noqa: E402
 
 from xbm_tf import MultiSimilarityLoss, TripletLoss, data  # noqa: E402
 from xbm_tf.backbones import build_embedding_model  # noqa: E402
@@ -216,7 +216,7 @@ def test_xla_keras_cv_run_resumes_with_its_warning(parse, tmp_path, capsys):
     args = ["--jit_compile=true", "--augmentation=keras_cv", "--steps=6"]
     parse(f"--workdir={workdir}", *args)
     with pytest.raises(KeyboardInterrupt):
-        train.run(extra_callbacks=[StopAfter(4)])
+        train.run(extra_callbacks=[stop_after(4)])
     capsys.readouterr()
     seen = _Model()
     after = train.run(extra_callbacks=[seen])

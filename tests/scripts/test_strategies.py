@@ -33,6 +33,7 @@ def _driver(out: str, args: list[str]) -> None:
     import keras
     import train
     from absl import flags
+    from script_data import AtStep  # this folder: the script's own
 
     from xbm_tf.retrieval.callback import embed_dataset
 
@@ -66,20 +67,15 @@ def _driver(out: str, args: list[str]) -> None:
             state["embeddings"], state["labels"] = embed_dataset(self.model, test)
             np.savez(f"{out}_{task}.npz", **state)
 
-    class KillAfter(keras.callbacks.Callback):
-        def __init__(self, step):
-            super().__init__()
-            self.kill_step = step
-
-        def on_train_batch_end(self, batch, logs=None):
-            if step_of(self.model) == self.kill_step:
-                print(f"test hook: SIGKILL after step {self.kill_step}", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-
     callbacks = [Dump()]
     kill = os.environ.get("KILL_AFTER_STEP")
     if kill and int(os.environ.get("KILL_TASK", "0")) == task:
-        callbacks.append(KillAfter(int(kill)))
+
+        def sigkill(model):
+            print(f"test hook: SIGKILL after step {kill}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        callbacks.append(AtStep(int(kill), sigkill))
     flags.FLAGS(["train", "--flagfile=configs/smoke.flags", *args])
     train.common.quiet_tensorflow()
     train.run(extra_callbacks=callbacks)

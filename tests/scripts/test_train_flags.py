@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import train  # noqa: E402
-from script_data import StopAfter  # noqa: E402
+from script_data import AtStep, stop_after  # noqa: E402
 
 from xbm_tf import ContrastiveLoss, MultiSimilarityLoss, TripletLoss  # noqa: E402
 from xbm_tf.terminate_on_nonfinite import (  # noqa: E402
@@ -172,6 +172,12 @@ def test_terminate_on_nonfinite_counts_a_resumed_epoch_as_its_end():
         callback.on_train_begin()
 
 
+def _poison_memory(model):
+    """Fills the memory with NaN."""
+    memory = model.memory
+    memory.embeddings.assign(np.full(memory.embeddings.shape, np.nan))
+
+
 class _PoisonMemory(keras.callbacks.Callback):
     """Fills the memory with NaN after the first step of the second epoch."""
 
@@ -184,8 +190,7 @@ class _PoisonMemory(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.epoch == 1 and batch == 0:
-            memory = self.model.memory
-            memory.embeddings.assign(np.full(memory.embeddings.shape, np.nan))
+            _poison_memory(self.model)
 
 
 def _all_finite(path) -> bool:
@@ -231,19 +236,6 @@ def _with_extra(make_callbacks, extra):
     return wrapped
 
 
-class _PoisonAfter(keras.callbacks.Callback):
-    """Fills the memory with NaN after a given optimizer step."""
-
-    def __init__(self, step):
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) == self.step:
-            memory = self.model.memory
-            memory.embeddings.assign(np.full(memory.embeddings.shape, np.nan))
-
-
 def test_nonfinite_loss_after_a_mid_epoch_resume_names_the_true_step(
     parse, tmp_path, monkeypatch
 ):
@@ -251,12 +243,14 @@ def test_nonfinite_loss_after_a_mid_epoch_resume_names_the_true_step(
     # 3 epochs of 3 steps, a backup every 2 steps; killed after step 5.
     parse(f"--workdir={workdir}", "--steps=9", "--backup_every_steps=2")
     with pytest.raises(KeyboardInterrupt):
-        train.run(extra_callbacks=[StopAfter(5)])
+        train.run(extra_callbacks=[stop_after(5)])
     assert sorted(p.name for p in (workdir / "backup").iterdir()) == ["step_000000004"]
     # Resumed at step 4: a first fit of 2 steps (5, 6) finishes epoch 2. The
     # memory is poisoned after step 5, so step 6's memory loss is NaN.
     monkeypatch.setattr(
-        train, "make_callbacks", _with_extra(train.make_callbacks, _PoisonAfter(5))
+        train,
+        "make_callbacks",
+        _with_extra(train.make_callbacks, AtStep(5, _poison_memory)),
     )
     with pytest.raises(SystemExit) as exit_info:
         train.main(["train"])
